@@ -1,0 +1,509 @@
+"""TcpConnection: one accepted stream connection, as an ``asyncio.Protocol``.
+
+The hot path is ``data_received``: the protocol splits the bytes into packages, each
+package is one ``on_message`` call, and what the callbacks send while they run is
+collected and written with one ``transport.write`` when they return (so sixteen
+pipelined requests cost one system call, not sixteen).
+
+The send buffer is the transport's write buffer. Its high-water mark is set to
+``max_send_buffer_size``, so asyncio's own flow control (``pause_writing`` /
+``resume_writing``) becomes ``on_buffer_full`` / ``on_buffer_drain``.
+
+Callbacks may be plain functions or coroutine functions. A connection runs its
+callbacks one after the other: when one returns an awaitable, the connection keeps
+later callbacks (the next ``on_message``, ``on_close``) in a queue and runs them, in
+order, after it finishes. Messages of one connection are therefore always handled in
+the order they arrived, and ``on_close`` comes after the last ``on_message``. While
+that queue is long the connection stops reading, so a slow coroutine throttles its
+own client and nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import PACKAGE_TOO_LARGE, SEND_FAIL, ProtocolError
+from ..stats import process_stats as _stats
+
+if TYPE_CHECKING:
+    from ..protocols.base import Protocol
+    from ..worker import Worker
+
+log = logging.getLogger("longshore")
+
+CONNECTING = 0
+ESTABLISHED = 1
+CLOSING = 2
+CLOSED = 3
+STATE_NAMES = {CONNECTING: "connecting", ESTABLISHED: "established", CLOSING: "closing", CLOSED: "closed"}
+
+#: Above this many queued callbacks (behind a running coroutine) a connection stops reading.
+SERIAL_QUEUE_LIMIT = 64
+
+_connection_ids = itertools.count(1)
+
+_PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+def report_exception(what: str, connection: TcpConnection | None = None) -> None:
+    """Log the exception being handled, with its traceback, and count it."""
+    _stats.throw_exception += 1
+    if connection is not None:
+        log.exception("exception in %s (connection %s, %s)", what, connection.id, connection.remote_address)
+    else:
+        log.exception("exception in %s", what)
+
+
+class Handlers:
+    """The callbacks of a worker (shared by its connections) or of one connection."""
+
+    __slots__ = ("on_connect", "on_message", "on_close", "on_error", "on_buffer_full", "on_buffer_drain")
+
+    def __init__(self, source: Any = None) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(source, name, None) if source is not None else None)
+
+    def copy(self) -> Handlers:
+        """A private copy, for a connection that overrides one callback."""
+        return Handlers(self)
+
+
+def _handler_property(name: str) -> property:
+    def get(self: TcpConnection) -> Callable[..., Any] | None:
+        return getattr(self._handlers, name)  # type: ignore[no-any-return]
+
+    def set(self: TcpConnection, fn: Callable[..., Any] | None) -> None:
+        if not self._own_handlers:
+            self._handlers = self._handlers.copy()
+            self._own_handlers = True
+        setattr(self._handlers, name, fn)
+
+    return property(get, set, doc=f"This connection's ``{name}`` callback (defaults to its worker's).")
+
+
+class TcpConnection(asyncio.Protocol):
+    """A stream connection accepted by a worker.
+
+    ``send(data)`` returns True when the data went straight to the socket, None when it
+    was queued behind data still waiting in the send buffer, and False when it was
+    refused: the connection is closed, or the send buffer is full (the data is dropped,
+    ``send_fail`` counts it and ``on_error(conn, SEND_FAIL, ...)`` is called).
+
+    A send is accepted while what waits in the buffer plus the new data fits in
+    ``max_send_buffer_size``; a package larger than the whole limit is accepted only
+    when nothing waits, so that it can be sent at all.
+    """
+
+    #: Send buffer limit of new connections, in bytes.
+    default_max_send_buffer_size = 1024 * 1024
+    #: Largest package a protocol accepts on new connections, in bytes.
+    default_max_package_size = 10 * 1024 * 1024
+
+    __slots__ = (
+        "id",
+        "worker",
+        "transport",
+        "protocol",
+        "max_package_size",
+        "bytes_read",
+        "bytes_written",
+        "created_at",
+        "_state",
+        "_handlers",
+        "_own_handlers",
+        "_max_send_buffer_size",
+        "_cork",
+        "_cork_size",
+        "_recv_paused",
+        "_serial",
+        "_serial_paused",
+        "_buffer_full",
+        "_remote",
+        "__dict__",
+    )
+
+    def __init__(self, worker: Worker | None, protocol_class: type[Protocol], handlers: Handlers) -> None:
+        self.id = 0
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.protocol = protocol_class(self)
+        self.max_package_size = self.default_max_package_size
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.created_at = 0.0
+        self._state = CONNECTING
+        self._handlers = handlers
+        self._own_handlers = False
+        self._max_send_buffer_size = self.default_max_send_buffer_size
+        self._cork: list[bytes] | None = None
+        self._cork_size = 0
+        self._recv_paused = False
+        self._serial: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+        self._serial_paused = False
+        self._buffer_full = False
+        self._remote: Any = None
+
+    on_connect = _handler_property("on_connect")
+    on_message = _handler_property("on_message")
+    on_close = _handler_property("on_close")
+    on_error = _handler_property("on_error")
+    on_buffer_full = _handler_property("on_buffer_full")
+    on_buffer_drain = _handler_property("on_buffer_drain")
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        self.transport = transport  # type: ignore[assignment]
+        self._state = ESTABLISHED
+        self._remote = transport.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        self.created_at = loop.time()
+        transport.set_write_buffer_limits(high=max(self._max_send_buffer_size - 1, 0), low=0)  # type: ignore[attr-defined]
+        worker = self.worker
+        self.id = next(_connection_ids)
+        if worker is not None:
+            worker.connections[self.id] = self
+        _stats.connections += 1
+        handler = self._handlers.on_connect
+        if handler is not None:
+            self._call(handler, "on_connect", self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_read += len(data)
+        if self._state is not ESTABLISHED:
+            return
+        try:
+            messages = self.protocol.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if not messages:
+            return
+        _stats.total_request += len(messages)
+        handler = self._handlers.on_message
+        if handler is None:
+            return
+        self._cork = cork = []
+        try:
+            for message in messages:
+                if self._serial is not None:
+                    self._queue_serial(handler, (self, message))
+                    continue
+                try:
+                    result = handler(self, message)
+                except Exception:
+                    report_exception("on_message", self)
+                    continue
+                if result is not None and hasattr(result, "__await__"):
+                    self._start_serial(result)
+                if self._state is not ESTABLISHED:
+                    break
+        finally:
+            self._cork = None
+            if cork:
+                self._write_cork(cork)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too, once the send buffer is written out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state is CLOSED:
+            return
+        self._state = CLOSED
+        worker = self.worker
+        if worker is not None:
+            worker.connections.pop(self.id, None)
+            worker._closed_bytes_read += self.bytes_read
+            worker._closed_bytes_written += self.bytes_written
+        _stats.connections -= 1
+        if exc is not None and isinstance(exc, _PEER_GONE) and self._cork_size + self._pending_on_loss() > 0:
+            _stats.send_fail += 1
+            self._emit_error(SEND_FAIL, f"peer went away with data unsent: {exc}")
+        handler = self._handlers.on_close
+        if handler is not None:
+            self._call(handler, "on_close", self)
+        self._after_close()
+
+    def _pending_on_loss(self) -> int:
+        # A write error means the peer did not take what we sent; a read error with
+        # nothing waiting to be written loses nothing of ours.
+        if self._buffer_full:
+            return 1
+        try:
+            return self.transport.get_write_buffer_size() if self.transport is not None else 0
+        except Exception:
+            return 0
+
+    def _after_close(self) -> None:
+        """Hook for subclasses (reconnecting clients)."""
+
+    def pause_writing(self) -> None:
+        self._buffer_full = True
+        handler = self._handlers.on_buffer_full
+        if handler is not None:
+            self._call(handler, "on_buffer_full", self)
+
+    def resume_writing(self) -> None:
+        self._buffer_full = False
+        handler = self._handlers.on_buffer_drain
+        if handler is not None:
+            self._call(handler, "on_buffer_drain", self)
+
+    # -- sending -------------------------------------------------------------------------
+    def send(self, data: Any, raw: bool = False) -> bool | None:
+        """Encode ``data`` with the connection's protocol (unless ``raw``) and send it.
+
+        Returns True (handed to the socket), None (queued in the send buffer) or False
+        (refused: connection closed, or send buffer full and the data dropped).
+        """
+        if self._state is not ESTABLISHED:
+            return self._send_when_not_established(data, raw)
+        if not raw:
+            data = self.protocol.encode(data)
+        elif isinstance(data, str):
+            data = data.encode()
+        waiting = self.transport.get_write_buffer_size() + self._cork_size  # type: ignore[union-attr]
+        if waiting and waiting + len(data) > self._max_send_buffer_size:
+            self._drop()
+            return False
+        self.bytes_written += len(data)
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+            self._cork_size += len(data)
+            return None if waiting else True
+        self.transport.write(data)  # type: ignore[union-attr]
+        return None if waiting else True
+
+    def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
+        _stats.send_fail += 1
+        return False
+
+    def _write_cork(self, cork: list[bytes]) -> None:
+        self._cork_size = 0
+        if self._state is CLOSED or self.transport is None:
+            return
+        self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+
+    def _flush_cork(self) -> None:
+        cork = self._cork
+        if cork:
+            self._write_cork(cork)
+            cork.clear()
+
+    def _write_ignoring_limit(self, data: bytes) -> None:
+        """Write without the buffer-size check (pipes: the source pauses instead)."""
+        if self._state is not ESTABLISHED:
+            _stats.send_fail += 1
+            return
+        self._flush_cork()
+        self.bytes_written += len(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _drop(self) -> None:
+        _stats.send_fail += 1
+        self._emit_error(SEND_FAIL, "send buffer full and drop package")
+
+    @property
+    def send_buffer_size(self) -> int:
+        """Bytes accepted by ``send()`` and not yet written to the socket."""
+        if self.transport is None or self._state is CLOSED:
+            return self._cork_size
+        return self.transport.get_write_buffer_size() + self._cork_size
+
+    @property
+    def max_send_buffer_size(self) -> int:
+        """This connection's send buffer limit in bytes (``default_max_send_buffer_size``)."""
+        return self._max_send_buffer_size
+
+    @max_send_buffer_size.setter
+    def max_send_buffer_size(self, size: int) -> None:
+        self._max_send_buffer_size = int(size)
+        if self.transport is not None and self._state is ESTABLISHED:
+            self.transport.set_write_buffer_limits(high=max(int(size) - 1, 0), low=0)
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self, data: Any = None, raw: bool = False) -> None:
+        """Send ``data`` (if given), write out the send buffer, then close."""
+        if self._state is not ESTABLISHED:
+            if self._state is CONNECTING:
+                self._state = CLOSED
+            return
+        if data is not None:
+            self.send(data, raw)
+        self._state = CLOSING
+        self._flush_cork()
+        self.transport.close()  # type: ignore[union-attr]
+
+    def destroy(self) -> None:
+        """Close at once, discarding whatever waits in the send buffer."""
+        if self._state is CLOSED:
+            return
+        self._state = CLOSING
+        self._cork_size = 0
+        if self._cork:
+            self._cork.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def state(self) -> str:
+        """``connecting``, ``established``, ``closing`` or ``closed``."""
+        return STATE_NAMES[self._state]
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self._state >= CLOSING
+
+    # -- reading control -----------------------------------------------------------------
+    def pause_recv(self) -> None:
+        """Stop reading from the socket until :meth:`resume_recv`."""
+        self._recv_paused = True
+        if self._state is ESTABLISHED and not self._serial_paused:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_recv(self) -> None:
+        """Read from the socket again."""
+        self._recv_paused = False
+        if self._state is ESTABLISHED and not self._serial_paused:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def pipe(self, dest: TcpConnection) -> TcpConnection:
+        """Forward everything this connection receives to ``dest``, with backpressure.
+
+        While ``dest``'s send buffer is full this connection stops reading; it reads
+        again once ``dest`` has drained. This replaces this connection's ``on_message``
+        and ``dest``'s ``on_buffer_full``/``on_buffer_drain``. Closing is left to the
+        application (close ``dest`` in this connection's ``on_close`` if that is wanted).
+        """
+        source = self
+
+        def forward(connection: TcpConnection, data: Any) -> None:
+            dest._write_ignoring_limit(data if isinstance(data, (bytes, bytearray)) else dest.protocol.encode(data))
+
+        def full(connection: TcpConnection) -> None:
+            source.pause_recv()
+
+        def drained(connection: TcpConnection) -> None:
+            source.resume_recv()
+
+        self.on_message = forward
+        dest.on_buffer_full = full
+        dest.on_buffer_drain = drained
+        if dest._buffer_full:
+            self.pause_recv()
+        return dest
+
+    # -- addresses -----------------------------------------------------------------------
+    @property
+    def remote_address(self) -> str:
+        """``ip:port`` of the peer (``[ip]:port`` for IPv6; the path for Unix sockets)."""
+        remote = self._remote
+        if isinstance(remote, tuple):
+            host, port = remote[0], remote[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(remote or "")
+
+    @property
+    def remote_ip(self) -> str:
+        """The peer's IP address ('' for Unix sockets)."""
+        return self._remote[0] if isinstance(self._remote, tuple) else ""
+
+    @property
+    def remote_port(self) -> int:
+        """The peer's port (0 for Unix sockets)."""
+        return int(self._remote[1]) if isinstance(self._remote, tuple) else 0
+
+    @property
+    def local_address(self) -> str:
+        """``ip:port`` this connection was accepted on."""
+        local = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        if isinstance(local, tuple):
+            host, port = local[0], local[1]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(local or "")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id} {self.remote_address} {self.state}>"
+
+    # -- callbacks -----------------------------------------------------------------------
+    def _call(self, handler: Callable[..., Any], what: str, *args: Any) -> None:
+        """Run a callback now, or behind the coroutine this connection is running."""
+        if self._serial is not None:
+            self._queue_serial(handler, args)
+            return
+        try:
+            result = handler(*args)
+        except Exception:
+            report_exception(what, self)
+            return
+        if result is not None and hasattr(result, "__await__"):
+            self._start_serial(result)
+
+    def _emit_error(self, code: int, message: str) -> None:
+        handler = self._handlers.on_error
+        if handler is not None:
+            self._call(handler, "on_error", self, code, message)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        if exc.code == PACKAGE_TOO_LARGE:
+            _stats.package_too_large += 1
+        else:
+            _stats.protocol_error += 1
+        log.info("connection %s from %s closed: %s", self.id, self.remote_address, exc)
+        self._emit_error(exc.code, str(exc))
+        if self._state is ESTABLISHED:
+            if exc.response:
+                self.transport.write(exc.response)  # type: ignore[union-attr]
+                self.bytes_written += len(exc.response)
+            self.close()
+
+    def _start_serial(self, awaitable: Any) -> None:
+        self._serial = collections.deque()
+        task = asyncio.get_running_loop().create_task(self._run_serial(awaitable))
+        task.add_done_callback(_forget_task)
+        _running_tasks.add(task)
+
+    def _queue_serial(self, handler: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        serial = self._serial
+        assert serial is not None
+        serial.append((handler, args))
+        if len(serial) >= SERIAL_QUEUE_LIMIT and not self._serial_paused and self._state is ESTABLISHED:
+            self._serial_paused = True
+            if not self._recv_paused:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+
+    async def _run_serial(self, awaitable: Any) -> None:
+        try:
+            await awaitable
+        except Exception:
+            report_exception("a coroutine callback", self)
+        serial = self._serial
+        while serial:
+            handler, args = serial.popleft()
+            if self._serial_paused and len(serial) < SERIAL_QUEUE_LIMIT // 2:
+                self._serial_paused = False
+                if not self._recv_paused and self._state is ESTABLISHED:
+                    self.transport.resume_reading()  # type: ignore[union-attr]
+            try:
+                result = handler(*args)
+                if result is not None and hasattr(result, "__await__"):
+                    await result
+            except Exception:
+                report_exception(getattr(handler, "__name__", "callback"), self)
+        self._serial = None
+        if self._serial_paused:
+            self._serial_paused = False
+            if not self._recv_paused and self._state is ESTABLISHED:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+
+_running_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _forget_task(task: asyncio.Task[Any]) -> None:
+    _running_tasks.discard(task)

@@ -1,0 +1,55 @@
+"""``text://``: newline-delimited UTF-8 lines.
+
+Each line (without its ``\\n`` and an optional ``\\r`` before it) is one package,
+delivered as ``str``. ``send("hi")`` writes ``b"hi\\n"``. A line longer than
+``max_package_size``, or bytes that are not UTF-8, close the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import PackageTooLarge, ProtocolError
+from .base import Protocol
+
+
+class TextProtocol(Protocol):
+    """Newline-delimited text; see the module docstring."""
+
+    __slots__ = ("_partial",)
+    scheme = "text"
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self._partial = b""
+
+    def buffered(self) -> int:
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> list[Any]:
+        if self._partial:
+            data = self._partial + data
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) > self.connection.max_package_size:
+                raise PackageTooLarge("line longer than max_package_size")
+            self._partial = data
+            return []
+        self._partial = data[end + 1 :]
+        complete = data[:end]
+        limit = self.connection.max_package_size
+        if len(complete) > limit or len(self._partial) > limit:
+            if len(self._partial) > limit or any(len(line) > limit for line in complete.split(b"\n")):
+                raise PackageTooLarge("line longer than max_package_size")
+        try:
+            text = complete.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"text line is not UTF-8: {exc.reason}") from None
+        if "\r" in text:
+            return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+        return text.split("\n")
+
+    def encode(self, message: Any) -> bytes:
+        if isinstance(message, str):
+            return (message + "\n").encode()
+        return bytes(message) + b"\n"

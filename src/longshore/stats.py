@@ -1,0 +1,284 @@
+"""Per-process counters and the shared table through which ``status`` reads them.
+
+Every worker counts in plain Python integers (:data:`process_stats`), which costs
+nothing on the hot path. A timer in the worker copies the counters into its slot of a
+memory-mapped file several times a second, together with a heartbeat. ``status`` maps
+the same file and reads it without sending a signal or waiting for any process, so a
+worker stuck in user code can never make ``status`` hang: its heartbeat stops moving,
+which is exactly how it is shown as busy, with its last published figures.
+
+Layout of the file: a header (magic, slot count, a sequence number and a JSON document
+the master rewrites: its pid, start time, the exit table, the configured workers), then
+fixed-size slots, one per live worker process. Each slot is written under a sequence
+lock (odd while being written), so a reader never sees half an update.
+
+``time.monotonic()`` is CLOCK_MONOTONIC on Linux: one clock for every process of the
+machine, so heartbeats written by a worker can be compared by the status command.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"LSST"
+VERSION = 1
+HEADER_SIZE = 256 * 1024
+SLOT_SIZE = 512
+# magic, version, slot count, header sequence, json length
+_HEADER_PREFIX = struct.Struct("<4sIIQI")
+# seq, pid, worker_id, state, started_at, heartbeat, connections, send_fail, timers,
+# total_request, throw_exception, memory, qps, send_buffer_bytes, bytes_read,
+# bytes_written, busy_since_wall, name, listen
+_SLOT = struct.Struct("<QqiidddqqqqqqdqqqqqqQ64s192s")
+
+STATE_FREE = 0
+STATE_STARTING = 1
+STATE_RUNNING = 2
+STATE_STOPPING = 3
+STATE_NAMES = {STATE_FREE: "free", STATE_STARTING: "starting", STATE_RUNNING: "running", STATE_STOPPING: "stopping"}
+
+#: A worker whose heartbeat is older than this is shown as busy (stuck in a callback).
+BUSY_AFTER = 0.75
+#: How often a worker publishes its counters.
+PUBLISH_INTERVAL = 0.2
+
+
+class ProcessStats:
+    """The counters of this process. Module-level singleton: :data:`process_stats`."""
+
+    __slots__ = (
+        "connections",
+        "send_fail",
+        "total_request",
+        "throw_exception",
+        "bytes_read",
+        "bytes_written",
+        "connect_fail",
+        "protocol_error",
+        "package_too_large",
+    )
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter (a new worker process starts from zero)."""
+        self.connections = 0
+        self.send_fail = 0
+        self.total_request = 0
+        self.throw_exception = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.connect_fail = 0
+        self.protocol_error = 0
+        self.package_too_large = 0
+
+
+process_stats = ProcessStats()
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+@dataclass
+class SlotRecord:
+    """One worker's published figures, as read from the table."""
+
+    slot: int
+    pid: int
+    worker_id: int
+    state: int
+    started_at: float
+    heartbeat: float
+    connections: int
+    send_fail: int
+    timers: int
+    total_request: int
+    throw_exception: int
+    memory: int
+    qps: float
+    send_buffer_bytes: int
+    bytes_read: int
+    bytes_written: int
+    busy_since: float
+    protocol_error: int
+    package_too_large: int
+    connect_fail: int
+    name: str
+    listen: str
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds since the worker's loop last came round (0 when it is idle)."""
+        if self.heartbeat <= 0:
+            return 0.0
+        lag = time.monotonic() - self.heartbeat
+        return lag if lag > BUSY_AFTER else 0.0
+
+
+class StatsTable:
+    """A memory-mapped table of worker slots plus a JSON header owned by the master."""
+
+    def __init__(self, path: str, mapping: mmap.mmap, slots: int) -> None:
+        self.path = path
+        self.map = mapping
+        self.slots = slots
+
+    # -- creation and opening ------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, slots: int) -> StatsTable:
+        """Create (or truncate) the table file with ``slots`` slots and map it shared."""
+        size = HEADER_SIZE + slots * SLOT_SIZE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        _HEADER_PREFIX.pack_into(mapping, 0, MAGIC, VERSION, slots, 0, 0)
+        return cls(path, mapping, slots)
+
+    @classmethod
+    def open(cls, path: str) -> StatsTable:
+        """Map an existing table read-only (the status command)."""
+        with open(path, "rb") as file:
+            mapping = mmap.mmap(file.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        magic, version, slots, _, _ = _HEADER_PREFIX.unpack_from(mapping, 0)
+        if magic != MAGIC or version != VERSION:
+            raise ValueError(f"{path} is not a longshore status table")
+        return cls(path, mapping, slots)
+
+    def close(self) -> None:
+        """Unmap the table."""
+        self.map.close()
+
+    # -- header (master only) ------------------------------------------------------
+    def write_header(self, document: dict[str, Any]) -> None:
+        """Replace the header JSON document."""
+        data = json.dumps(document, separators=(",", ":")).encode()
+        limit = HEADER_SIZE - _HEADER_PREFIX.size
+        if len(data) > limit:
+            data = json.dumps({**document, "exits": document.get("exits", [])[:100]}).encode()[:limit]
+        _, _, slots, seq, _ = _HEADER_PREFIX.unpack_from(self.map, 0)
+        _HEADER_PREFIX.pack_into(self.map, 0, MAGIC, VERSION, slots, seq + 1, 0)
+        self.map[_HEADER_PREFIX.size : _HEADER_PREFIX.size + len(data)] = data
+        _HEADER_PREFIX.pack_into(self.map, 0, MAGIC, VERSION, slots, seq + 2, len(data))
+
+    def read_header(self) -> dict[str, Any]:
+        """Read the header JSON document written by the master."""
+        for _ in range(100):
+            _, _, _, seq, length = _HEADER_PREFIX.unpack_from(self.map, 0)
+            if seq % 2:
+                time.sleep(0.001)
+                continue
+            data = self.map[_HEADER_PREFIX.size : _HEADER_PREFIX.size + length]
+            if _HEADER_PREFIX.unpack_from(self.map, 0)[3] == seq:
+                return json.loads(data) if data else {}
+        return {}
+
+    # -- slots ---------------------------------------------------------------------
+    def _offset(self, slot: int) -> int:
+        return HEADER_SIZE + slot * SLOT_SIZE
+
+    def claim(self, pid: int, worker_id: int, name: str, listen: str) -> int:
+        """Master: take a free slot for a new worker process; return its index."""
+        for slot in range(self.slots):
+            if self._read_raw(slot)[3] == STATE_FREE:
+                self.write_slot(
+                    slot,
+                    pid=pid,
+                    worker_id=worker_id,
+                    state=STATE_STARTING,
+                    started_at=time.time(),
+                    name=name,
+                    listen=listen,
+                )
+                return slot
+        raise RuntimeError("status table is full")
+
+    def release(self, slot: int) -> None:
+        """Master: free the slot of a process that has exited."""
+        self.write_slot(slot, state=STATE_FREE, pid=0)
+
+    def set_state(self, slot: int, state: int) -> None:
+        """Change only the state of a slot."""
+        self.write_slot(slot, state=state)
+
+    def _read_raw(self, slot: int) -> tuple[Any, ...]:
+        offset = self._offset(slot)
+        for _ in range(1000):
+            values = _SLOT.unpack_from(self.map, offset)
+            if values[0] % 2 == 0 and _SLOT.unpack_from(self.map, offset)[0] == values[0]:
+                return values
+        return values
+
+    def write_slot(self, slot: int, **fields: Any) -> None:
+        """Update some fields of a slot under its sequence lock."""
+        offset = self._offset(slot)
+        values = list(_SLOT.unpack_from(self.map, offset))
+        seq = values[0]
+        struct.pack_into("<Q", self.map, offset, seq + 1)
+        for key, value in fields.items():
+            index = _FIELD_INDEX[key]
+            if key in ("name", "listen"):
+                value = value.encode()[: (64 if key == "name" else 192)]
+            values[index] = value
+        values[0] = seq + 2
+        _SLOT.pack_into(self.map, offset, *values)
+
+    def read_slots(self) -> list[SlotRecord]:
+        """Every slot in use, in slot order."""
+        records = []
+        for slot in range(self.slots):
+            values = self._read_raw(slot)
+            if values[3] == STATE_FREE:
+                continue
+            fields = dict(zip(_FIELDS, values))
+            fields.pop("seq")
+            fields.pop("_reserved")
+            fields["name"] = fields["name"].rstrip(b"\0").decode(errors="replace")
+            fields["listen"] = fields["listen"].rstrip(b"\0").decode(errors="replace")
+            records.append(SlotRecord(slot=slot, **fields))
+        return records
+
+
+_FIELDS = (
+    "seq",
+    "pid",
+    "worker_id",
+    "state",
+    "started_at",
+    "heartbeat",
+    "busy_since",
+    "connections",
+    "send_fail",
+    "timers",
+    "total_request",
+    "throw_exception",
+    "memory",
+    "qps",
+    "send_buffer_bytes",
+    "bytes_read",
+    "bytes_written",
+    "protocol_error",
+    "package_too_large",
+    "connect_fail",
+    "_reserved",
+    "name",
+    "listen",
+)
+_FIELD_INDEX = {name: index for index, name in enumerate(_FIELDS)}
+assert len(_FIELDS) == len(_SLOT.unpack(bytes(_SLOT.size))), "slot layout mismatch"
+assert _SLOT.size <= SLOT_SIZE

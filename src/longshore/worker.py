@@ -1,0 +1,439 @@
+"""What a Worker is, and how one worker process runs.
+
+A :class:`Worker` is configuration: a listen URL, a process count, callbacks. The
+master forks ``count`` processes for it; each runs :func:`run_worker_process`, which
+builds a fresh event loop, calls ``on_worker_start``, accepts connections on the socket
+the master bound (or on its own ``SO_REUSEPORT`` socket), publishes its counters into
+the status table, and stops on the master's signal:
+
+=========  ===========================================================================
+SIGTERM    stop: stop accepting, close every connection (writing out send buffers),
+SIGINT     wait up to ``stop_timeout`` for them to drain, exit
+SIGQUIT    graceful stop: stop accepting, wait (up to ``stop_timeout``) for the
+           connections to end by themselves, then as above
+SIGUSR1    reload: like SIGTERM; a Worker with ``reloadable=False`` only gets
+           ``on_worker_reload`` and keeps running
+SIGUSR2    graceful reload: like SIGQUIT (``reloadable=False``: ``on_worker_reload``)
+SIGIO      write the list of connections for the ``connections`` command
+=========  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
+
+from .connection.tcp import Handlers, TcpConnection, report_exception
+from .listen import ListenAddress, bind_socket, parse_listen
+from .loop import new_event_loop
+from .protocols import get_protocol
+from .protocols.base import Protocol
+from .stats import PUBLISH_INTERVAL, STATE_RUNNING, STATE_STOPPING, StatsTable, process_stats, rss_bytes
+from .timer import Timer
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("longshore")
+
+#: Exit code of a worker whose ``on_worker_start`` raised: the master backs off.
+EXIT_BOOT_ERROR = 3
+
+_SIGNAL_ACTIONS = {
+    signal.SIGTERM: ("stop", False),
+    signal.SIGINT: ("stop", False),
+    signal.SIGQUIT: ("stop", True),
+    signal.SIGUSR1: ("reload", False),
+    signal.SIGUSR2: ("reload", True),
+}
+
+
+class Worker:
+    """A group of ``count`` identical processes serving one listen URL.
+
+    ``listen`` is a URL (``text://0.0.0.0:2345``, ``frame://``, ``tcp://``,
+    ``unix:///path``, or a registered protocol's scheme) or None for a worker that only
+    runs timers. Callbacks are assigned as attributes::
+
+        worker = Worker("text://0.0.0.0:2345", count=4, name="chat")
+        worker.on_message = lambda conn, line: conn.send(line)
+
+    ``worker.id`` is the process slot, 0..count-1, kept when a process is respawned.
+    """
+
+    #: Every Worker created in this program, in creation order.
+    _all: ClassVar[list[Worker]] = []
+    #: The Worker this process runs (None in the master).
+    current: ClassVar[Worker | None] = None
+
+    #: Where the master writes its pid (default: ``.longshore/<script>.pid`` next to the start script).
+    pid_file: ClassVar[str | None] = None
+    #: The log file (default: ``.longshore/<script>.log``).
+    log_file: ClassVar[str | None] = None
+    #: Where a daemon's stdout and stderr go (default: ``.longshore/<script>.stdout.log``).
+    stdout_file: ClassVar[str | None] = None
+    #: Master hooks (class attributes): called in the master process.
+    on_master_start: ClassVar[Callable[[], Any] | None] = None
+    on_master_stop: ClassVar[Callable[[], Any] | None] = None
+    on_master_reload: ClassVar[Callable[[], Any] | None] = None
+
+    def __init__(
+        self,
+        listen: str | None = None,
+        *,
+        count: int = 1,
+        name: str | None = None,
+        reuse_port: bool = False,
+        protocol: type[Protocol] | str | None = None,
+        backlog: int = 1024,
+        reloadable: bool = True,
+        stop_timeout: float = 10.0,
+        unix_mode: int = 0o666,
+    ) -> None:
+        if count < 1:
+            raise ValueError("a Worker needs count >= 1")
+        self.listen = listen
+        self.address: ListenAddress | None = parse_listen(listen) if listen else None
+        if self.address is not None and self.address.transport == "udp":
+            raise ValueError("udp:// workers are not supported yet")
+        if isinstance(protocol, str):
+            protocol = get_protocol(protocol)
+        elif protocol is None and self.address is not None:
+            protocol = get_protocol(self.address.scheme)
+        self.protocol: type[Protocol] | None = protocol
+        self.count = count
+        self.name = name or "none"
+        self.reuse_port = reuse_port
+        self.backlog = backlog
+        self.reloadable = reloadable
+        self.stop_timeout = stop_timeout
+        self.unix_mode = unix_mode
+        #: The process slot, 0..count-1 (set in the worker process).
+        self.id = -1
+        #: Open connections of this process, by connection id.
+        self.connections: dict[int, TcpConnection] = {}
+        self.on_worker_start: Callable[[Worker], Any] | None = None
+        self.on_worker_stop: Callable[[Worker], Any] | None = None
+        self.on_worker_reload: Callable[[Worker], Any] | None = None
+        self.on_worker_exit: Callable[[Worker, int, int], Any] | None = None
+        self.on_connect: Callable[[TcpConnection], Any] | None = None
+        self.on_message: Callable[[TcpConnection, Any], Any] | None = None
+        self.on_close: Callable[[TcpConnection], Any] | None = None
+        self.on_error: Callable[[TcpConnection, int, str], Any] | None = None
+        self.on_buffer_full: Callable[[TcpConnection], Any] | None = None
+        self.on_buffer_drain: Callable[[TcpConnection], Any] | None = None
+        #: The listen URL with the real port, once bound (port 0 picks a free one).
+        self.bound_listen = listen or ""
+        self._socket: socket.socket | None = None
+        self._closed_bytes_read = 0
+        self._closed_bytes_written = 0
+        Worker._all.append(self)
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} {self.listen or '(no listener)'} count={self.count}>"
+
+    # -- master side -------------------------------------------------------------------
+    def bind(self) -> None:
+        """Master: bind the listening socket (a placeholder only, with reuse_port)."""
+        if self.address is None or self._socket is not None:
+            return
+        # With reuse_port the master still binds (without listening) so that port 0
+        # resolves to one port that every worker process then shares.
+        self._socket = bind_socket(
+            self.address,
+            reuse_port=self.reuse_port,
+            backlog=self.backlog,
+            listen=not self.reuse_port,
+            unix_mode=self.unix_mode,
+        )
+        if self.address.transport != "unix":
+            self.bound_listen = self.address.display(self._socket.getsockname()[1])
+
+    def unbind(self) -> None:
+        """Master: close the listening socket (and remove a Unix socket file)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+            if self.address is not None and self.address.transport == "unix":
+                try:
+                    os.unlink(self.address.path)
+                except FileNotFoundError:
+                    pass
+
+
+def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime) -> NoReturn:
+    """Entry point of a forked worker process; never returns."""
+    code = 1
+    try:
+        code = _WorkerProcess(worker, worker_id, table, slot, runtime).run()
+    except BaseException:
+        log.exception("worker %s[%d] failed", worker.name, worker_id)
+    finally:
+        for handler in logging.getLogger().handlers + log.handlers:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+class _WorkerProcess:
+    """The running state of one worker process."""
+
+    def __init__(self, worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime) -> None:
+        self.worker = worker
+        self.worker_id = worker_id
+        self.table = table
+        self.slot = slot
+        self.runtime = runtime
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.stopping = False
+        self.graceful = False
+        self.done: asyncio.Future[int] | None = None
+        self.qps_samples: deque[tuple[float, int]] = deque()
+        self.publish_count = 0
+        self.cached_send_buffer = 0
+        self.cached_bytes = (0, 0)
+
+    def run(self) -> int:
+        worker = self.worker
+        worker.id = self.worker_id
+        Worker.current = worker
+        process_stats.reset()
+        Timer._reset_for_worker()
+        random.seed()
+        for other in Worker._all:  # this process serves only its own listener
+            if other is not worker and other._socket is not None:
+                other._socket.close()
+                other._socket = None
+        for signum in (*_SIGNAL_ACTIONS, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGIO, signal.SIG_IGN)  # until the loop handles it
+        try:
+            from setproctitle import setproctitle
+
+            setproctitle(f"longshore: worker {worker.name} {worker.bound_listen or '(no listener)'}".rstrip())
+        except ImportError:  # pragma: no cover
+            pass
+        loop = new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        loop.set_exception_handler(self._loop_exception)
+        try:
+            return loop.run_until_complete(self.main())
+        finally:
+            try:
+                loop.close()
+            except Exception:
+                pass
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        process_stats.throw_exception += 1
+        log.error("worker %s[%d]: %s", self.worker.name, self.worker_id, context.get("message"), exc_info=exc)
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        worker = self.worker
+        self.done = loop.create_future()
+        for signum, (action, graceful) in _SIGNAL_ACTIONS.items():
+            loop.add_signal_handler(signum, self.on_signal, action, graceful)
+        loop.add_signal_handler(signal.SIGIO, self.dump_connections)
+        self.publish()
+        if worker.on_worker_start is not None:
+            try:
+                result = worker.on_worker_start(worker)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                process_stats.throw_exception += 1
+                log.exception("on_worker_start of worker %s[%d] raised; exiting", worker.name, self.worker_id)
+                return EXIT_BOOT_ERROR
+        if self.stopping:  # a stop signal arrived during on_worker_start
+            return await self.done
+        if worker.address is not None:
+            await self.start_serving()
+        self.table.set_state(self.slot, STATE_RUNNING)
+        log.debug("worker %s[%d] pid %d running", worker.name, self.worker_id, os.getpid())
+        return await self.done
+
+    async def start_serving(self) -> None:
+        worker = self.worker
+        address = worker.address
+        assert address is not None and worker.protocol is not None
+        if worker.reuse_port:
+            port = worker._socket.getsockname()[1] if worker._socket is not None else address.port
+            if worker._socket is not None:
+                worker._socket.close()
+            own = ListenAddress(address.url, address.scheme, address.transport, address.host, port, address.path)
+            sock = bind_socket(own, reuse_port=True, backlog=worker.backlog)
+        else:
+            sock = worker._socket
+        worker._socket = None
+        handlers = Handlers(worker)
+        protocol_class = worker.protocol
+
+        def factory() -> TcpConnection:
+            return TcpConnection(worker, protocol_class, handlers)
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(factory, sock=sock, backlog=worker.backlog)
+
+    # -- signals -----------------------------------------------------------------------
+    def on_signal(self, action: str, graceful: bool) -> None:
+        worker = self.worker
+        if action == "reload" and not worker.reloadable:
+            if worker.on_worker_reload is not None:
+                self.call_hook(worker.on_worker_reload, "on_worker_reload")
+            return
+        if action == "reload" and worker.on_worker_reload is not None:
+            self.call_hook(worker.on_worker_reload, "on_worker_reload")
+        if self.stopping:
+            if self.graceful and not graceful:
+                self.graceful = False  # escalate a graceful stop to a quick one
+            return
+        self.stopping = True
+        self.graceful = graceful
+        asyncio.get_running_loop().create_task(self.shutdown())
+
+    def call_hook(self, hook: Callable[[Worker], Any], what: str) -> None:
+        try:
+            result = hook(self.worker)
+            if asyncio.iscoroutine(result):
+                task = asyncio.get_running_loop().create_task(result)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self._hook_failed(what, t))
+        except Exception:
+            report_exception(what)
+
+    def _hook_failed(self, what: str, task: asyncio.Task[Any]) -> None:
+        process_stats.throw_exception += 1
+        log.error("exception in %s", what, exc_info=task.exception())
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        worker = self.worker
+        self.table.set_state(self.slot, STATE_STOPPING)
+        if self.server is not None:
+            self.server.close()
+        log.info(
+            "worker %s[%d] pid %d %s (%d connections)",
+            worker.name,
+            self.worker_id,
+            os.getpid(),
+            "stopping gracefully" if self.graceful else "stopping",
+            len(worker.connections),
+        )
+        if worker.on_worker_stop is not None:
+            try:
+                result = worker.on_worker_stop(worker)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                report_exception("on_worker_stop")
+        deadline = loop.time() + worker.stop_timeout
+        while self.graceful and worker.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.graceful and worker.connections:
+            deadline = loop.time() + 1.0  # graceful time is up: flush briefly, then cut
+        for connection in list(worker.connections.values()):
+            connection.close()
+        while worker.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(worker.connections.values()):
+            connection.destroy()
+        await asyncio.sleep(0)
+        Timer.delete_all()
+        self.publish()
+        if self.done is not None and not self.done.done():
+            self.done.set_result(0)
+
+    # -- status ------------------------------------------------------------------------
+    def publish(self) -> None:
+        """Copy this process's counters into its slot; re-arms itself."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        total = process_stats.total_request
+        samples = self.qps_samples
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= 1.0:
+            samples.popleft()
+        first_time, first_total = samples[0]
+        qps = (total - first_total) / (now - first_time) if now - first_time > 0.05 else 0.0
+        connections = self.worker.connections
+        if self.publish_count % 5 == 0:  # the costlier sums once a second
+            send_buffer = read = written = 0
+            for connection in connections.values():
+                send_buffer += connection.send_buffer_size
+                read += connection.bytes_read
+                written += connection.bytes_written
+            self.cached_send_buffer = send_buffer
+            self.cached_bytes = (read + self.worker._closed_bytes_read, written + self.worker._closed_bytes_written)
+        self.publish_count += 1
+        self.table.write_slot(
+            self.slot,
+            pid=os.getpid(),
+            heartbeat=now,
+            connections=process_stats.connections,
+            send_fail=process_stats.send_fail,
+            timers=Timer.count(),
+            total_request=total,
+            throw_exception=process_stats.throw_exception,
+            memory=rss_bytes(),
+            qps=qps,
+            send_buffer_bytes=self.cached_send_buffer,
+            bytes_read=self.cached_bytes[0],
+            bytes_written=self.cached_bytes[1],
+            protocol_error=process_stats.protocol_error,
+            package_too_large=process_stats.package_too_large,
+            connect_fail=process_stats.connect_fail,
+        )
+        if self.done is None or not self.done.done():
+            loop.call_later(PUBLISH_INTERVAL, self.publish)
+
+    def dump_connections(self) -> None:
+        """Write this process's connections as JSON for the ``connections`` command."""
+        worker = self.worker
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        rows = [
+            {
+                "pid": os.getpid(),
+                "worker": worker.name,
+                "worker_id": self.worker_id,
+                "id": connection.id,
+                "protocol": connection.protocol.scheme or type(connection.protocol).__name__,
+                "local": connection.local_address,
+                "remote": connection.remote_address,
+                "send_buffer": connection.send_buffer_size,
+                "recv_buffer": connection.protocol.buffered(),
+                "bytes_read": connection.bytes_read,
+                "bytes_written": connection.bytes_written,
+                "state": connection.state,
+                "age": round(now - connection.created_at, 3),
+                "paused": connection._recv_paused,
+            }
+            for connection in list(worker.connections.values())
+        ]
+        path = self.runtime.connections_file(os.getpid())
+        temporary = f"{path}.tmp"
+        try:
+            with open(temporary, "w") as file:
+                json.dump(rows, file)
+            os.replace(temporary, path)
+        except OSError:
+            log.exception("could not write the connection list to %s", path)
