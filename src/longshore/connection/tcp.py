@@ -41,6 +41,8 @@ CLOSING = 2
 CLOSED = 3
 STATE_NAMES = {CONNECTING: "connecting", ESTABLISHED: "established", CLOSING: "closing", CLOSED: "closed"}
 
+#: Sends collected during one ``data_received`` are written together up to this size.
+CORK_LIMIT = 64 * 1024
 #: Above this many queued callbacks (behind a running coroutine) a connection stops reading.
 SERIAL_QUEUE_LIMIT = 64
 
@@ -93,9 +95,11 @@ class TcpConnection(asyncio.Protocol):
     refused: the connection is closed, or the send buffer is full (the data is dropped,
     ``send_fail`` counts it and ``on_error(conn, SEND_FAIL, ...)`` is called).
 
-    A send is accepted while what waits in the buffer plus the new data fits in
-    ``max_send_buffer_size``; a package larger than the whole limit is accepted only
-    when nothing waits, so that it can be sent at all.
+    A send is accepted while the send buffer is below ``max_send_buffer_size``; the
+    send that makes it reach the limit is still accepted whole (a package is never cut)
+    and fires ``on_buffer_full``; from then on sends are dropped until the buffer has
+    been written out below the limit. The buffer thus holds at most the limit plus one
+    package. ``on_buffer_drain`` fires when a full buffer has been written out completely.
     """
 
     #: Send buffer limit of new connections, in bytes.
@@ -266,15 +270,18 @@ class TcpConnection(asyncio.Protocol):
         elif isinstance(data, str):
             data = data.encode()
         waiting = self.transport.get_write_buffer_size() + self._cork_size  # type: ignore[union-attr]
-        if waiting and waiting + len(data) > self._max_send_buffer_size:
+        if waiting >= self._max_send_buffer_size:
             self._drop()
             return False
         self.bytes_written += len(data)
         cork = self._cork
         if cork is not None:
-            cork.append(data)
-            self._cork_size += len(data)
-            return None if waiting else True
+            if self._cork_size + len(data) <= CORK_LIMIT:
+                cork.append(data)
+                self._cork_size += len(data)
+                return None if waiting else True
+            if cork:  # large data goes straight to the transport, behind what was corked
+                self._flush_cork()
         self.transport.write(data)  # type: ignore[union-attr]
         return None if waiting else True
 

@@ -1,0 +1,253 @@
+"""The send buffer contract, end to end: send_fail, dropping, buffer full/drain, close."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+
+from conftest import connect, is_closed, read_lines, wait_for
+
+RECORDER = """
+RESULTS = os.path.join(os.environ["APP_DIR"], "results.json")
+results = {"send": [], "errors": [], "closed": 0}
+
+def save():
+    with open(RESULTS + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(RESULTS + ".tmp", RESULTS)
+"""
+
+
+def test_send_to_a_client_that_disconnected_counts_send_fail(app_factory):
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("text://127.0.0.1:0", name="push")
+
+def push(conn):
+    results["send"].append(conn.send("too late"))
+    save()
+
+def on_message(conn, line):
+    Timer.add(0.5, push, conn, persistent=False)
+    conn.send("ok")
+
+def on_error(conn, code, message):
+    results["errors"].append([code, message])
+    save()
+
+w.on_message = on_message
+w.on_error = on_error
+"""
+    ).start()
+    port = app.port()
+    sock = connect(port)
+    sock.sendall(b"push me later\n")
+    assert read_lines(sock, 1) == ["ok"]
+    sock.close()
+    wait_for(lambda: (app.folder / "results.json").exists() and app.read_json("results.json")["send"], what="the late send")
+    assert app.read_json("results.json")["send"] == [False]
+    wait_for(lambda: app.status()["processes"][0]["send_fail"] == 1, what="send_fail == 1 in status")
+    assert app.status()["summary"]["send_fail"] == 1
+
+
+def test_slow_reader_is_dropped_and_counted_while_a_reading_client_loses_nothing(app_factory):
+    chunk_size = 16 * 1024
+    chunks = 1000  # 16 MB each, paced by a timer
+    app = app_factory(
+        RECORDER
+        + f"""
+w = Worker("text://127.0.0.1:0", name="stream")
+CHUNK = {chunk_size}
+CHUNKS = {chunks}
+streams = {{}}
+
+def tick():
+    for conn, state in list(streams.items()):
+        for _ in range(4):
+            if state["n"] >= CHUNKS:
+                del streams[conn]
+                results["done"] = results.get("done", 0) + 1
+                save()
+                break
+            payload = (b"%08d" % state["n"]) + b"x" * (CHUNK - 9)
+            ok = conn.send(payload)
+            state["accepted" if ok is not False else "dropped"] += 1
+            results.setdefault(state["name"], {{}})
+            results[state["name"]] = {{"accepted": state["accepted"], "dropped": state["dropped"]}}
+            state["n"] += 1
+
+def on_worker_start(worker):
+    Timer.add(0.004, tick)
+
+def on_message(conn, line):
+    streams[conn] = {{"n": 0, "accepted": 0, "dropped": 0, "name": line}}
+
+def on_error(conn, code, message):
+    results["errors"].append([code, message])
+
+def on_buffer_full(conn):
+    results["full"] = results.get("full", 0) + 1
+
+w.on_worker_start = on_worker_start
+w.on_message = on_message
+w.on_error = on_error
+w.on_buffer_full = on_buffer_full
+"""
+    ).start()
+    port = app.port()
+    stalled = connect(port, rcvbuf=4096)
+    reader = connect(port, timeout=30)
+    received = bytearray()
+
+    def read_all() -> None:
+        expected = chunk_size * chunks
+        while len(received) < expected:
+            data = reader.recv(1 << 20)
+            if not data:
+                break
+            received.extend(data)
+
+    thread = threading.Thread(target=read_all)
+    thread.start()
+    stalled.sendall(b"stalled\n")
+    reader.sendall(b"reader\n")
+    wait_for(lambda: app.read_json("results.json").get("done") == 2 if (app.folder / "results.json").exists() else False, timeout=60, what="both streams produced")
+    thread.join(timeout=30)
+    results = app.read_json("results.json")
+    # The reading client: every chunk accepted and delivered, in order.
+    assert results["reader"] == {"accepted": chunks, "dropped": 0}
+    assert len(received) == chunk_size * chunks
+    for index in (0, chunks // 2, chunks - 1):
+        assert received[index * chunk_size : index * chunk_size + 8] == b"%08d" % index
+    # The stalled client: buffered up to 1 MiB (plus what the kernel holds), then dropped.
+    stalled_result = results["stalled"]
+    assert stalled_result["dropped"] > 0
+    assert stalled_result["accepted"] * chunk_size < 1024 * 1024 + 8 * 1024 * 1024
+    send_fail_errors = [e for e in results["errors"] if e[0] == 2]
+    assert len(send_fail_errors) == stalled_result["dropped"]
+    assert send_fail_errors[0][1] == "send buffer full and drop package"
+    assert results["full"] >= 1
+    wait_for(lambda: app.status()["processes"][0]["send_fail"] == stalled_result["dropped"], what="status send_fail")
+    stalled.close()
+    reader.close()
+
+
+def test_buffer_full_and_drain_pace_a_large_transfer(app_factory):
+    total = 64 * 1024 * 1024
+    app = app_factory(
+        f"""
+w = Worker("tcp://127.0.0.1:0", name="bulk")
+TOTAL = {total}
+CHUNK = 256 * 1024
+state = {{}}
+
+def produce(conn):
+    s = state[conn]
+    while s["sent"] < TOTAL and not s["full"]:
+        n = min(CHUNK, TOTAL - s["sent"])
+        block = bytes([s["sent"] // CHUNK % 251]) * n
+        assert conn.send(block) is not False
+        s["sent"] += n
+    if s["sent"] >= TOTAL:
+        conn.close()
+
+def on_message(conn, data):
+    state[conn] = {{"sent": 0, "full": False}}
+    produce(conn)
+
+def on_buffer_full(conn):
+    state[conn]["full"] = True
+
+def on_buffer_drain(conn):
+    state[conn]["full"] = False
+    produce(conn)
+
+w.on_message = on_message
+w.on_buffer_full = on_buffer_full
+w.on_buffer_drain = on_buffer_drain
+"""
+    ).start()
+    port = app.port()
+    memory_before = app.processes()[0]["memory"]
+    sock = connect(port, timeout=30, rcvbuf=64 * 1024)
+    sock.sendall(b"go")
+    digest = hashlib.sha256()
+    received = 0
+    peak_memory = 0
+    last_check = time.monotonic()
+    while True:
+        data = sock.recv(256 * 1024)
+        if not data:
+            break
+        digest.update(data)
+        received += len(data)
+        if time.monotonic() - last_check > 0.3:
+            time.sleep(0.05)  # a slowish reader
+            peak_memory = max(peak_memory, app.processes()[0]["memory"])
+            last_check = time.monotonic()
+    expected = hashlib.sha256()
+    chunk = 256 * 1024
+    for index in range(total // chunk):
+        expected.update(bytes([index % 251]) * chunk)
+    assert received == total
+    assert digest.hexdigest() == expected.hexdigest()
+    process = app.processes()[0]
+    assert process["send_fail"] == 0
+    # The transfer is 64 MB; the worker never holds more than about one buffer of it.
+    assert peak_memory - memory_before < 16 * 1024 * 1024, (memory_before, peak_memory)
+
+
+def test_close_with_data_writes_everything_buffered_first(app_factory):
+    app = app_factory(
+        """
+w = Worker("tcp://127.0.0.1:0", name="closer")
+
+def on_message(conn, data):
+    conn.send(b"a" * 500_000)
+    conn.send(b"b" * 500_000)
+    conn.close(b"bye")
+
+w.on_message = on_message
+"""
+    ).start()
+    sock = connect(app.port(), rcvbuf=8192)
+    sock.sendall(b"x")
+    time.sleep(0.3)  # let the server queue everything before we read
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    assert data == b"a" * 500_000 + b"b" * 500_000 + b"bye"
+
+
+def test_send_returns_true_none_false(app_factory):
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("tcp://127.0.0.1:0", name="ret")
+w_conn = {}
+
+def on_message(conn, data):
+    if data.startswith(b"fill"):
+        conn.max_send_buffer_size = 100_000
+        first = conn.send(b"x" * 4_000_000)      # nothing waits: accepted whole
+        second = conn.send(b"y" * 10)            # behind it: queued... or refused past the limit
+        results["send"] = [first, second, conn.send_buffer_size > 0]
+        save()
+
+w.on_message = on_message
+"""
+    ).start()
+    sock = connect(app.port(), rcvbuf=4096)
+    sock.sendall(b"fill")
+    wait_for(lambda: (app.folder / "results.json").exists(), what="results")
+    first, second, waiting = app.read_json("results.json")["send"]
+    assert first is True
+    assert second is False  # 4 MB wait, far past a 100 kB limit
+    assert waiting
+    sock.close()
