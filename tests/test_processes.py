@@ -1,0 +1,340 @@
+"""Master and worker processes: forking, respawning, stopping, reloading, the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+from conftest import connect, read_lines, wait_for
+
+PID_ECHO = """
+w = Worker("text://127.0.0.1:0", count=4, name="multi")
+
+def on_message(conn, line):
+    conn.send(f"{os.getpid()} {worker_id()} {line}")
+
+def worker_id():
+    return w.id
+
+w.on_message = on_message
+"""
+
+
+def test_four_workers_serve_and_a_killed_worker_is_respawned_with_its_id(app_factory):
+    app = app_factory(PID_ECHO).start()
+    processes = app.wait_running(4)
+    pids = {p["pid"] for p in processes}
+    assert sorted(p["worker_id"] for p in processes) == [0, 1, 2, 3]
+    port = app.port()
+    seen = set()
+    for index in range(40):
+        sock = connect(port)
+        sock.sendall(f"hello {index}\n".encode())
+        pid, worker_id, *rest = read_lines(sock, 1)[0].split(" ")
+        assert " ".join(rest) == f"hello {index}"
+        assert int(pid) in pids
+        seen.add(int(pid))
+        sock.close()
+    assert seen  # every answer came from one of the four workers
+
+    victim = next(p for p in processes if p["worker_id"] == 2)
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def respawned():
+        running = [p for p in app.processes() if p["state"] == "running"]
+        return len(running) == 4 and victim["pid"] not in {p["pid"] for p in running} and running
+
+    running = wait_for(respawned, what="the killed worker respawned")
+    assert sorted(p["worker_id"] for p in running) == [0, 1, 2, 3]
+    exits = app.status()["exits"]
+    assert {"name": "multi", "status": "killed by SIGKILL", "count": 1} in exits
+    sock = connect(port)
+    sock.sendall(b"still there\n")
+    assert read_lines(sock, 1)[0].endswith("still there")
+    # `ps` shows what each process is.
+    with open(f"/proc/{app.master_pid()}/cmdline", "rb") as file:
+        assert file.read().startswith(b"longshore: master")
+    with open(f"/proc/{running[0]['pid']}/cmdline", "rb") as file:
+        assert file.read().startswith(b"longshore: worker multi text://127.0.0.1:")
+
+
+def test_cli_says_already_running_and_not_running(app_factory):
+    app = app_factory(PID_ECHO)
+    result = app.cli("status", check=False)
+    assert result.returncode == 1 and "not running" in result.stderr
+    result = app.cli("stop", check=False)
+    assert result.returncode == 1 and "not running" in result.stderr
+    app.start()
+    result = app.cli("start", "-d", check=False)
+    assert result.returncode == 1 and "already running" in result.stdout
+    pid = app.master_pid()
+    assert pid and app.pid_file.exists()
+    app.cli("stop")
+    assert not app.pid_file.exists()
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+
+
+def test_graceful_stop_lets_an_in_flight_transfer_finish(app_factory):
+    total = 20 * 1024 * 1024
+    app = app_factory(
+        f"""
+w = Worker("tcp://127.0.0.1:0", name="transfer", stop_timeout=60)
+TOTAL = {total}
+state = {{}}
+
+def produce(conn):
+    s = state[conn]
+    while s["sent"] < TOTAL and not s["full"]:
+        conn.send(b"z" * 65536)
+        s["sent"] += 65536
+    if s["sent"] >= TOTAL and not s["closing"]:
+        s["closing"] = True
+        conn.close()
+
+def on_message(conn, data):
+    state[conn] = {{"sent": 0, "full": False, "closing": False}}
+    produce(conn)
+
+def on_buffer_full(conn):
+    state[conn]["full"] = True
+
+def on_buffer_drain(conn):
+    state[conn]["full"] = False
+    produce(conn)
+
+w.on_message = on_message
+w.on_buffer_full = on_buffer_full
+w.on_buffer_drain = on_buffer_drain
+"""
+    ).start()
+    port = app.port()
+    sock = connect(port, timeout=30, rcvbuf=32 * 1024)
+    sock.sendall(b"go")
+    received = 0
+    # Read slowly: about 2 MB/s, so that the transfer takes ~10 s.
+    while received < 2 * 1024 * 1024:
+        received += len(sock.recv(65536))
+        time.sleep(0.02)
+    stop = threading.Thread(target=app.cli, args=("stop", "-g"), kwargs={"timeout": 90})
+    stop.start()
+    # New connections are refused once the worker stops accepting.
+    def refused():
+        try:
+            probe = socket.create_connection(("127.0.0.1", port), timeout=1)
+        except OSError:
+            return True
+        probe.close()
+        return False
+
+    wait_for(refused, timeout=10, what="the listener to close")
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received += len(data)
+        time.sleep(0.005)
+    stop.join(timeout=90)
+    assert received == total
+    assert not app.pid_file.exists()
+
+
+def test_plain_stop_flushes_send_buffers(app_factory):
+    app = app_factory(
+        """
+w = Worker("tcp://127.0.0.1:0", name="flush", stop_timeout=20)
+
+def on_message(conn, data):
+    conn.send(b"q" * 3_000_000)
+
+w.on_message = on_message
+"""
+    ).start()
+    sock = connect(app.port(), timeout=20, rcvbuf=16 * 1024)
+    sock.sendall(b"x")
+    time.sleep(0.3)
+    stop = threading.Thread(target=app.cli, args=("stop",), kwargs={"timeout": 60})
+    stop.start()
+    received = 0
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received += len(data)
+        time.sleep(0.002)
+    stop.join(timeout=60)
+    assert received == 3_000_000
+
+
+def test_worker_whose_start_hook_raises_is_retried_with_backoff(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="broken")
+
+def on_worker_start(worker):
+    raise RuntimeError("database unreachable")
+
+w.on_worker_start = on_worker_start
+ok = Worker("text://127.0.0.1:0", name="fine")
+ok.on_message = lambda conn, line: conn.send(line)
+"""
+    )
+    result = app.cli("start", "-d")
+    assert "fail to start" in result.stdout
+    time.sleep(3)
+    status = app.status()
+    exits = {(e["name"], e["status"]): e["count"] for e in status["exits"]}
+    # With backoff (0.25, 0.5, 1, 2 s ...) three seconds allow a handful of attempts, not hundreds.
+    assert 2 <= exits[("broken", "exit code 3")] <= 6
+    assert "RuntimeError: database unreachable" in app.log()
+    # The healthy worker serves all along.
+    sock = connect(app.port(1))
+    sock.sendall(b"hi\n")
+    assert read_lines(sock, 1) == ["hi"]
+
+
+def test_status_answers_at_once_and_shows_a_stuck_worker_busy(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="stuck", count=2)
+
+def on_message(conn, line):
+    if line == "sleep":
+        time.sleep(3)
+    conn.send(line)
+
+w.on_message = on_message
+"""
+    ).start()
+    app.wait_running(2)
+    sock = connect(app.port())
+    sock.sendall(b"ping\n")
+    assert read_lines(sock, 1) == ["ping"]
+    time.sleep(0.5)  # let the worker publish
+    sock.sendall(b"sleep\n")
+    time.sleep(1.2)
+    started = time.monotonic()
+    status = app.status()
+    assert time.monotonic() - started < 1.0 + 1.0  # the command itself, python start-up included
+    busy = [p for p in status["processes"] if p["status"] == "busy"]
+    assert len(busy) == 1
+    assert busy[0]["busy_for"] >= 0.75
+    assert busy[0]["total_request"] == 1  # its last published figures
+    idle = [p for p in status["processes"] if p["status"] == "idle"]
+    assert len(idle) == 1
+    assert read_lines(sock, 1, timeout=5) == ["sleep"]
+    wait_for(lambda: all(p["status"] == "idle" for p in app.status()["processes"]), what="idle again")
+
+
+def test_graceful_reload_replaces_every_worker_without_refusing_connections(app_factory):
+    app = app_factory(PID_ECHO).start()
+    before = {p["pid"] for p in app.wait_running(4)}
+    port = app.port()
+    failures = []
+    answered = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                sock = connect(port, timeout=5)
+                for index in range(5):
+                    sock.sendall(f"r{index}\n".encode())
+                    line = read_lines(sock, 1)[0]
+                    if not line.endswith(f"r{index}"):
+                        failures.append(line)
+                    answered += 1
+                sock.close()
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    result = app.cli("reload", "-g", timeout=60)
+    assert "reloaded" in result.stdout
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    after = {p["pid"] for p in app.wait_running(4)}
+    assert not before & after
+    assert failures == []
+    assert answered > 100
+
+
+def test_quick_reload_replaces_workers_and_keeps_ids(app_factory):
+    app = app_factory(PID_ECHO).start()
+    before = app.wait_running(4)
+    app.cli("reload", timeout=60)
+    after = app.wait_running(4)
+    assert not {p["pid"] for p in before} & {p["pid"] for p in after}
+    assert sorted(p["worker_id"] for p in after) == [0, 1, 2, 3]
+    statuses = {e["status"] for e in app.status()["exits"]}
+    assert statuses == {"exit code 0"}
+    sock = connect(app.port())
+    sock.sendall(b"after reload\n")
+    assert read_lines(sock, 1)[0].endswith("after reload")
+
+
+def test_reload_picks_up_changed_code_imported_in_on_worker_start(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="code")
+handler = {}
+
+def on_worker_start(worker):
+    sys.path.insert(0, os.environ["APP_DIR"])
+    import handlers
+    handler["fn"] = handlers.answer
+
+w.on_worker_start = on_worker_start
+w.on_message = lambda conn, line: conn.send(handler["fn"](line))
+"""
+    )
+    (app.folder / "handlers.py").write_text("def answer(line):\n    return 'v1 ' + line\n")
+    app.start()
+    sock = connect(app.port())
+    sock.sendall(b"x\n")
+    assert read_lines(sock, 1) == ["v1 x"]
+    (app.folder / "handlers.py").write_text("def answer(line):\n    return 'v2 ' + line\n")
+    app.cli("reload", "-g")
+    sock = connect(app.port())
+    sock.sendall(b"x\n")
+    assert read_lines(sock, 1) == ["v2 x"]
+
+
+def test_connections_command_lists_every_connection(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="listed", count=2)
+w.on_message = lambda conn, line: conn.send(line)
+"""
+    ).start()
+    app.wait_running(2)
+    port = app.port()
+    socks = [connect(port) for _ in range(6)]
+    for sock in socks:
+        sock.sendall(b"hi\n")
+        assert read_lines(sock, 1) == ["hi"]
+    import json
+
+    listing = json.loads(app.cli("connections", "--json").stdout)
+    rows = listing["connections"]
+    assert len(rows) == 6
+    remotes = {f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks}
+    assert {row["remote"] for row in rows} == remotes
+    for row in rows:
+        assert row["protocol"] == "text"
+        assert row["local"] == f"127.0.0.1:{port}"
+        assert row["bytes_read"] == 3 and row["bytes_written"] == 3
+        assert row["state"] == "established"
+    text = app.cli("connections").stdout
+    assert "6 connection(s)" in text
+    one_pid = rows[0]["pid"]
+    filtered = json.loads(app.cli("connections", "--json", "--pid", str(one_pid)).stdout)["connections"]
+    assert filtered and all(row["pid"] == one_pid for row in filtered)
