@@ -82,10 +82,25 @@ class AsyncTcpConnection(TcpConnection):
             self._emit_error(CONNECT_FAIL, f"connect to {self.remote_url} failed: {reason}")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        was_full, self._buffer_full = self._buffer_full, False
         super().connection_made(transport)
         pending, self._pending, self._pending_size = self._pending, [], 0
-        for data in pending:
-            self.send(data, raw=True)
+        if pending:
+            transport.write(b"".join(pending))  # type: ignore[attr-defined]
+        if was_full and not self._buffer_full:
+            self.resume_writing()  # what waited is on its way: let a paused source go on
+
+    def _write_ignoring_limit(self, data: bytes) -> None:
+        if self._state is not CONNECTING:
+            super()._write_ignoring_limit(data)
+            return
+        # A pipe into a connection still being made: keep the data, and pause the
+        # source once a buffer's worth waits.
+        self._pending.append(data)
+        self._pending_size += len(data)
+        self.bytes_written += len(data)
+        if self._pending_size >= self.max_send_buffer_size and not self._buffer_full:
+            self.pause_writing()
 
     def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
         if self._state is CONNECTING:
@@ -93,11 +108,12 @@ class AsyncTcpConnection(TcpConnection):
                 data = self._protocol_class(self).encode(data) if self.protocol is None else self.protocol.encode(data)
             elif isinstance(data, str):
                 data = data.encode()
-            if self._pending_size and self._pending_size + len(data) > self.max_send_buffer_size:
+            if self._pending_size >= self.max_send_buffer_size:
                 self._drop()
                 return False
             self._pending.append(data)
             self._pending_size += len(data)
+            self.bytes_written += len(data)
             return None
         _stats.send_fail += 1
         return False
