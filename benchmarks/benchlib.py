@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +66,13 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as file:
         fields = file.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def busy_cpu_seconds() -> float:
+    """User + nice + system time of all CPUs together, from /proc/stat."""
+    with open("/proc/stat") as file:
+        fields = file.readline().split()
+    return (int(fields[1]) + int(fields[2]) + int(fields[3])) / CLOCK_TICKS
 
 
 def fd_count(pid: int) -> int:
@@ -272,6 +278,3 @@ def describe_machine() -> str:
         f"kernel {os.uname().release}"
     )
 
-
-def dedent(text: str) -> str:
-    return textwrap.dedent(text).strip("\n")

@@ -251,3 +251,41 @@ w.on_message = on_message
     assert second is False  # 4 MB wait, far past a 100 kB limit
     assert waiting
     sock.close()
+
+
+def test_peer_that_resets_with_data_waiting_counts_send_fail(app_factory):
+    import struct
+
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("tcp://127.0.0.1:0", name="reset")
+
+def on_message(conn, data):
+    conn.send(b"x" * 3_000_000)
+
+def on_error(conn, code, message):
+    results["errors"].append([code, message])
+    save()
+
+w.on_message = on_message
+w.on_error = on_error
+"""
+    ).start()
+    port = app.port()
+    # A client that resets while the server still has data for it.
+    sock = connect(port, rcvbuf=4096)
+    sock.sendall(b"go")
+    time.sleep(0.3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    # A client that resets with nothing waiting loses nothing of ours: not a send_fail.
+    idle = connect(port)
+    time.sleep(0.3)
+    idle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    idle.close()
+    wait_for(lambda: (app.folder / "results.json").exists(), what="on_error")
+    errors = app.read_json("results.json")["errors"]
+    assert len(errors) == 1 and errors[0][0] == 2 and "peer went away" in errors[0][1]
+    time.sleep(0.5)
+    assert app.processes()[0]["send_fail"] == 1

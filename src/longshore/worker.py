@@ -378,7 +378,9 @@ class _WorkerProcess:
         if self.publish_count % 5 == 0:  # the costlier sums once a second
             send_buffer = read = written = 0
             for connection in connections.values():
-                send_buffer += connection.send_buffer_size
+                waiting = connection.send_buffer_size
+                connection._unsent_hint = waiting
+                send_buffer += waiting
                 read += connection.bytes_read
                 written += connection.bytes_written
             self.cached_send_buffer = send_buffer
