@@ -13,7 +13,9 @@
  * (-v adds details on stderr). Exits 1 when nothing was answered.
  *
  * Only messages answered during the measured window (after the warm-up)
- * count. Latency is send time to answer time, in a histogram with 1 us
+ * count. When the time is up, no new messages are sent and the answers still
+ * due are awaited (up to 2 s) before the connections are closed, so that the
+ * server never sees a client vanish with data in flight. Latency is send time to answer time, in a histogram with 1 us
  * buckets up to 200 ms and 1 ms buckets beyond (up to 120 s).
  *
  * Build: cc -O2 -o loadclient loadclient.c
@@ -66,6 +68,7 @@ static int verbose;
 static uint64_t errors;
 static uint64_t answered; /* answers counted in the measured window */
 static int measuring;
+static int draining; /* time is up: no new messages, wait for the answers still due */
 
 static uint64_t now_ns(void)
 {
@@ -226,9 +229,11 @@ static int handle_read(int ep, struct conn *c)
             }
             if (measuring)
                 answered += done;
-            queue_messages(c, done, t);
-            if (flush_writes(ep, c) < 0)
-                return -1;
+            if (!draining) {
+                queue_messages(c, done, t);
+                if (flush_writes(ep, c) < 0)
+                    return -1;
+            }
         }
         if ((size_t)n < sizeof rbuf)
             return 0; /* most likely drained; level-triggered epoll tells us otherwise */
@@ -329,26 +334,42 @@ int main(int argc, char **argv)
     freeaddrinfo(ai);
 
     struct rusage ru0, ru1;
+    memset(&ru0, 0, sizeof ru0);
+    memset(&ru1, 0, sizeof ru1);
     uint64_t t_start = now_ns();
     uint64_t t_measure = t_start + (uint64_t)(warmup * 1e9);
     uint64_t t_end = t_measure + (uint64_t)(duration * 1e9);
-    uint64_t t_measured_from = t_start;
+    uint64_t t_measured_from = 0;
     if (warmup == 0.0) {
+        t_measured_from = t_start;
         measuring = 1;
         getrusage(RUSAGE_SELF, &ru0);
     }
 
     struct epoll_event events[512];
+    uint64_t t_stop = 0, t_drain_end = t_end + 2000000000ull;
     for (;;) {
         uint64_t t = now_ns();
-        if (!measuring && t >= t_measure) {
+        if (!measuring && !draining && t >= t_measure) {
             measuring = 1;
             t_measured_from = t;
             getrusage(RUSAGE_SELF, &ru0);
         }
-        if (t >= t_end)
-            break;
-        uint64_t next = measuring ? t_end : t_measure;
+        if (!draining && t >= t_end) {
+            measuring = 0;
+            draining = 1;
+            t_stop = t;
+            getrusage(RUSAGE_SELF, &ru1);
+        }
+        if (draining) {
+            int due = 0;
+            for (int i = 0; i < nconns; i++)
+                if (conns[i].state == C_OPEN && conns[i].received < conns[i].written + conns[i].to_write)
+                    due = 1;
+            if (!due || t >= t_drain_end)
+                break;
+        }
+        uint64_t next = draining ? t_drain_end : measuring ? t_end : t_measure;
         int timeout_ms = (int)((next - t) / 1000000) + 1;
         int n = epoll_wait(ep, events, 512, timeout_ms);
         if (n < 0) {
@@ -395,9 +416,11 @@ int main(int argc, char **argv)
         if (alive == 0)
             break;
     }
-    uint64_t t_stop = now_ns();
-    getrusage(RUSAGE_SELF, &ru1);
-    double measured_s = measuring ? (double)(t_stop - t_measured_from) / 1e9 : 0.0;
+    if (!draining) { /* every connection died early */
+        t_stop = now_ns();
+        getrusage(RUSAGE_SELF, &ru1);
+    }
+    double measured_s = t_measured_from && t_stop > t_measured_from ? (double)(t_stop - t_measured_from) / 1e9 : 0.0;
     double rate = measured_s > 0 ? (double)answered / measured_s : 0.0;
     printf("msgs_per_sec=%.0f p50_us=%.0f p99_us=%.0f errors=%llu\n", rate, percentile_us(0.50),
            percentile_us(0.99), (unsigned long long)errors);

@@ -122,6 +122,7 @@ class TcpConnection(asyncio.Protocol):
         "_max_send_buffer_size",
         "_cork",
         "_cork_size",
+        "_cork_base",
         "_recv_paused",
         "_serial",
         "_serial_paused",
@@ -146,6 +147,7 @@ class TcpConnection(asyncio.Protocol):
         self._max_send_buffer_size = self.default_max_send_buffer_size
         self._cork: list[bytes] | None = None
         self._cork_size = 0
+        self._cork_base = 0
         self._recv_paused = False
         self._serial: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
         self._serial_paused = False
@@ -186,12 +188,23 @@ class TcpConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        if not messages:
+        count = len(messages)
+        if not count:
             return
-        _stats.total_request += len(messages)
+        _stats.total_request += count
         handler = self._handlers.on_message
         if handler is None:
             return
+        if count == 1 and self._serial is None:
+            try:
+                result = handler(self, messages[0])
+            except Exception:
+                report_exception("on_message", self)
+                return
+            if result is not None and hasattr(result, "__await__"):
+                self._start_serial(result)
+            return
+        self._cork_base = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
         self._cork = cork = []
         try:
             for message in messages:
@@ -261,7 +274,20 @@ class TcpConnection(asyncio.Protocol):
             data = self.protocol.encode(data)
         elif isinstance(data, str):
             data = data.encode()
-        waiting = self.transport.get_write_buffer_size() + self._cork_size  # type: ignore[union-attr]
+        cork = self._cork
+        if cork is not None:  # inside data_received: collect, write once when it returns
+            corked = self._cork_size
+            waiting = self._cork_base + corked
+            if waiting >= self._max_send_buffer_size:
+                self._drop()
+                return False
+            if corked + len(data) <= CORK_LIMIT:
+                cork.append(data)
+                self._cork_size = corked + len(data)
+                return None if waiting else True
+            self._flush_cork()  # large data goes straight out, behind what was collected
+        transport = self.transport
+        waiting = transport.get_write_buffer_size()  # type: ignore[union-attr]
         if waiting >= self._max_send_buffer_size:
             self._drop()
             return False
@@ -269,15 +295,9 @@ class TcpConnection(asyncio.Protocol):
         # What may still wait when the peer goes away: the transport clears its buffer
         # before connection_lost, so keep an estimate (refreshed by the stats publisher).
         self._unsent_hint = waiting + len(data) if waiting or len(data) > CORK_LIMIT else 0
-        cork = self._cork
+        transport.write(data)  # type: ignore[union-attr]
         if cork is not None:
-            if self._cork_size + len(data) <= CORK_LIMIT:
-                cork.append(data)
-                self._cork_size += len(data)
-                return None if waiting else True
-            if cork:  # large data goes straight to the transport, behind what was corked
-                self._flush_cork()
-        self.transport.write(data)  # type: ignore[union-attr]
+            self._cork_base = transport.get_write_buffer_size()  # type: ignore[union-attr]
         return None if waiting else True
 
     def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
@@ -285,9 +305,12 @@ class TcpConnection(asyncio.Protocol):
         return False
 
     def _write_cork(self, cork: list[bytes]) -> None:
-        self._cork_size = 0
+        size, self._cork_size = self._cork_size, 0
         if self._state is CLOSED or self.transport is None:
             return
+        self.bytes_written += size
+        if self._cork_base:
+            self._unsent_hint = self._cork_base + size
         self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _flush_cork(self) -> None:
@@ -295,6 +318,7 @@ class TcpConnection(asyncio.Protocol):
         if cork:
             self._write_cork(cork)
             cork.clear()
+            self._cork_base = self.transport.get_write_buffer_size() if self._state is not CLOSED else 0  # type: ignore[union-attr]
 
     def _write_ignoring_limit(self, data: bytes) -> None:
         """Write without the buffer-size check (pipes: the source pauses instead)."""
