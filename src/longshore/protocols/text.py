@@ -29,25 +29,30 @@ class TextProtocol(Protocol):
     def feed(self, data: bytes) -> list[Any]:
         if self._partial:
             data = self._partial + data
-        end = data.rfind(b"\n")
-        if end < 0:
-            if len(data) > self.connection.max_package_size:
-                raise PackageTooLarge("line longer than max_package_size")
-            self._partial = data
-            return []
-        self._partial = data[end + 1 :]
-        complete = data[:end]
+        if data[-1:] == b"\n":  # the usual case: the chunk ends at a line end
+            self._partial = b""
+        else:
+            end = data.rfind(b"\n")
+            if end < 0:
+                if len(data) > self.connection.max_package_size:
+                    raise PackageTooLarge("line longer than max_package_size")
+                self._partial = data
+                return []
+            self._partial = data[end + 1 :]
+            data = data[: end + 1]
         limit = self.connection.max_package_size
-        if len(complete) > limit or len(self._partial) > limit:
-            if len(self._partial) > limit or any(len(line) > limit for line in complete.split(b"\n")):
+        if len(data) > limit or len(self._partial) > limit:
+            if len(self._partial) > limit or any(len(line) > limit for line in data.split(b"\n")):
                 raise PackageTooLarge("line longer than max_package_size")
         try:
-            text = complete.decode()
+            text = data.decode()
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"text line is not UTF-8: {exc.reason}") from None
+        lines = text.split("\n")
+        lines.pop()
         if "\r" in text:
-            return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-        return text.split("\n")
+            return [line[:-1] if line.endswith("\r") else line for line in lines]
+        return lines
 
     def encode(self, message: Any) -> bytes:
         if isinstance(message, str):
