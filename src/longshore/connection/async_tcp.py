@@ -105,7 +105,7 @@ class AsyncTcpConnection(TcpConnection):
     def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
         if self._state is CONNECTING:
             if not raw:
-                data = self._protocol_class(self).encode(data) if self.protocol is None else self.protocol.encode(data)
+                data = self._encode(data)
             elif isinstance(data, str):
                 data = data.encode()
             if self._pending_size >= self.max_send_buffer_size:

@@ -111,7 +111,7 @@ class TcpConnection(asyncio.Protocol):
         "id",
         "worker",
         "transport",
-        "protocol",
+        "_protocol",
         "max_package_size",
         "bytes_read",
         "bytes_written",
@@ -119,6 +119,7 @@ class TcpConnection(asyncio.Protocol):
         "_state",
         "_handlers",
         "_own_handlers",
+        "_encode",
         "_max_send_buffer_size",
         "_cork",
         "_cork_size",
@@ -136,7 +137,8 @@ class TcpConnection(asyncio.Protocol):
         self.id = 0
         self.worker = worker
         self.transport: asyncio.Transport | None = None
-        self.protocol = protocol_class(self)
+        self._protocol = protocol = protocol_class(self)
+        self._encode = protocol.encode
         self.max_package_size = self.default_max_package_size
         self.bytes_read = 0
         self.bytes_written = 0
@@ -154,6 +156,16 @@ class TcpConnection(asyncio.Protocol):
         self._buffer_full = False
         self._unsent_hint = 0
         self._remote: Any = None
+
+    @property
+    def protocol(self) -> Protocol:
+        """This connection's protocol object (replace it to switch protocols, e.g. on an upgrade)."""
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+        self._encode = protocol.encode
 
     on_connect = _handler_property("on_connect")
     on_message = _handler_property("on_message")
@@ -184,7 +196,7 @@ class TcpConnection(asyncio.Protocol):
         if self._state is not ESTABLISHED:
             return
         try:
-            messages = self.protocol.feed(data)
+            messages = self._protocol.feed(data)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
@@ -204,13 +216,14 @@ class TcpConnection(asyncio.Protocol):
             if result is not None and hasattr(result, "__await__"):
                 self._start_serial(result)
             return
+        if self._serial is not None:  # a coroutine of this connection is running
+            for message in messages:
+                self._queue_serial(handler, (self, message))
+            return
         self._cork_base = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
         self._cork = cork = []
         try:
-            for message in messages:
-                if self._serial is not None:
-                    self._queue_serial(handler, (self, message))
-                    continue
+            for index, message in enumerate(messages):
                 try:
                     result = handler(self, message)
                 except Exception:
@@ -218,6 +231,9 @@ class TcpConnection(asyncio.Protocol):
                     continue
                 if result is not None and hasattr(result, "__await__"):
                     self._start_serial(result)
+                    for later in messages[index + 1 :]:  # they run after it, in order
+                        self._queue_serial(handler, (self, later))
+                    break
                 if self._state is not ESTABLISHED:
                     break
         finally:
@@ -238,6 +254,9 @@ class TcpConnection(asyncio.Protocol):
             worker._closed_bytes_read += self.bytes_read
             worker._closed_bytes_written += self.bytes_written
         _stats.connections -= 1
+        hook = getattr(self.protocol, "connection_closed", None)
+        if hook is not None:
+            hook()
         if exc is not None and isinstance(exc, _PEER_GONE) and (self._buffer_full or self._unsent_hint or self._cork_size):
             _stats.send_fail += 1
             self._emit_error(SEND_FAIL, f"peer went away with data unsent: {exc}")
@@ -251,12 +270,18 @@ class TcpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._buffer_full = True
+        hook = getattr(self.protocol, "send_buffer_full", None)
+        if hook is not None:
+            hook()
         handler = self._handlers.on_buffer_full
         if handler is not None:
             self._call(handler, "on_buffer_full", self)
 
     def resume_writing(self) -> None:
         self._buffer_full = False
+        hook = getattr(self.protocol, "send_buffer_drained", None)
+        if hook is not None:
+            hook()
         handler = self._handlers.on_buffer_drain
         if handler is not None:
             self._call(handler, "on_buffer_drain", self)
@@ -271,7 +296,7 @@ class TcpConnection(asyncio.Protocol):
         if self._state is not ESTABLISHED:
             return self._send_when_not_established(data, raw)
         if not raw:
-            data = self.protocol.encode(data)
+            data = self._encode(data)
         elif isinstance(data, str):
             data = data.encode()
         cork = self._cork
@@ -281,9 +306,10 @@ class TcpConnection(asyncio.Protocol):
             if waiting >= self._max_send_buffer_size:
                 self._drop()
                 return False
-            if corked + len(data) <= CORK_LIMIT:
+            size = corked + len(data)
+            if size <= CORK_LIMIT:
                 cork.append(data)
-                self._cork_size = corked + len(data)
+                self._cork_size = size
                 return None if waiting else True
             self._flush_cork()  # large data goes straight out, behind what was collected
         transport = self.transport
