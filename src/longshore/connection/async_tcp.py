@@ -52,7 +52,7 @@ class AsyncTcpConnection(TcpConnection):
         self._protocol_class = protocol_class
         self.ssl = ssl
         self.connect_timeout = connect_timeout
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | bytearray] = []
         self._pending_size = 0
         self._reconnect_handle: asyncio.TimerHandle | None = None
 
@@ -90,7 +90,7 @@ class AsyncTcpConnection(TcpConnection):
         if was_full and not self._buffer_full:
             self.resume_writing()  # what waited is on its way: let a paused source go on
 
-    def _write_ignoring_limit(self, data: bytes) -> None:
+    def _write_ignoring_limit(self, data: bytes | bytearray) -> None:
         if self._state is not CONNECTING:
             super()._write_ignoring_limit(data)
             return

@@ -66,8 +66,12 @@ class Handlers:
     __slots__ = ("on_connect", "on_message", "on_close", "on_error", "on_buffer_full", "on_buffer_drain")
 
     def __init__(self, source: Any = None) -> None:
-        for name in self.__slots__:
-            setattr(self, name, getattr(source, name, None) if source is not None else None)
+        self.on_connect: Callable[..., Any] | None = getattr(source, "on_connect", None)
+        self.on_message: Callable[..., Any] | None = getattr(source, "on_message", None)
+        self.on_close: Callable[..., Any] | None = getattr(source, "on_close", None)
+        self.on_error: Callable[..., Any] | None = getattr(source, "on_error", None)
+        self.on_buffer_full: Callable[..., Any] | None = getattr(source, "on_buffer_full", None)
+        self.on_buffer_drain: Callable[..., Any] | None = getattr(source, "on_buffer_drain", None)
 
     def copy(self) -> Handlers:
         """A private copy, for a connection that overrides one callback."""
@@ -221,7 +225,8 @@ class TcpConnection(asyncio.Protocol):
                 self._queue_serial(handler, (self, message))
             return
         self._cork_base = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
-        self._cork = cork = []
+        cork: list[bytes] = []
+        self._cork = cork
         try:
             for index, message in enumerate(messages):
                 try:
@@ -346,7 +351,7 @@ class TcpConnection(asyncio.Protocol):
             cork.clear()
             self._cork_base = self.transport.get_write_buffer_size() if self._state is not CLOSED else 0  # type: ignore[union-attr]
 
-    def _write_ignoring_limit(self, data: bytes) -> None:
+    def _write_ignoring_limit(self, data: bytes | bytearray) -> None:
         """Write without the buffer-size check (pipes: the source pauses instead)."""
         if self._state is not ESTABLISHED:
             _stats.send_fail += 1
