@@ -159,3 +159,24 @@ proxy.on_connect = on_connect
     proxy = next(p for p in app.processes() if p["name"] == "proxy")
     assert proxy["send_fail"] == 0
     sock.close()
+
+
+def test_timers_in_the_master(app_factory):
+    app = app_factory(
+        """
+w = Worker(None, name="idle")
+path = os.path.join(os.environ["APP_DIR"], "master-ticks.txt")
+
+def tick():
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+
+def on_master_start():
+    Timer.add(0.1, tick)
+
+Worker.on_master_start = on_master_start
+"""
+    ).start()
+    path = app.folder / "master-ticks.txt"
+    wait_for(lambda: path.exists() and len(path.read_text().split()) >= 3, what="three master ticks")
+    assert set(path.read_text().split()) == {str(app.master_pid())}
