@@ -1,6 +1,7 @@
 """Protocols by listen-URL scheme, and the registry that maps one to the other.
 
-Built in: ``tcp`` (raw bytes), ``text`` (lines), ``frame`` (length-prefixed). A user
+Built in: ``tcp`` (raw bytes), ``text`` (lines), ``frame`` (length-prefixed), ``http``
+(HTTP/1.1, :mod:`longshore.protocols.http`). A user
 protocol becomes available in listen URLs with :func:`register_protocol`, or is passed
 directly as ``Worker(..., protocol=MyProtocol)``.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 from .base import PackageProtocol, Protocol, RawProtocol
 from .frame import FrameProtocol
+from .http import HttpProtocol
 from .text import TextProtocol
 
 _registry: dict[str, type[Protocol]] = {
     "tcp": RawProtocol,
     "text": TextProtocol,
     "frame": FrameProtocol,
+    "http": HttpProtocol,
 }
 
 
@@ -39,6 +42,7 @@ def get_protocol(scheme: str) -> type[Protocol]:
 
 __all__ = [
     "FrameProtocol",
+    "HttpProtocol",
     "PackageProtocol",
     "Protocol",
     "RawProtocol",

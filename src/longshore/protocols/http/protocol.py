@@ -1,0 +1,633 @@
+"""``http://``: HTTP/1.1 (and 1.0) on top of ``httptools`` (llhttp).
+
+Parsing is llhttp's job: it is fast, strict, and it already refuses what enables request
+smuggling (``Content-Length`` together with ``Transfer-Encoding``, repeated
+``Content-Length``). This module adds what a server needs around it, without doing I/O
+itself except through its connection:
+
+* one :class:`~.request.Request` per request, delivered in order; responses are matched
+  to requests in the order they are sent, so pipelined requests get their answers in
+  order;
+* keep-alive (HTTP/1.1 by default, HTTP/1.0 with ``Connection: keep-alive``), and
+  closing after the response when the client asked for ``Connection: close``;
+* ``Expect: 100-continue``, chunked request bodies, multipart bodies streamed to the
+  upload parser as they arrive;
+* limits: request line and headers over ``max_header_size`` (16 KiB) -> 431, a body over
+  the connection's ``max_package_size`` -> 413, unparsable input -> 400, headers not
+  complete within ``header_timeout`` seconds -> 408. Each closes that connection only
+  and is counted (``protocol_error`` / ``package_too_large``);
+* streamed responses (files, chunked bodies, Server-Sent Events). A file is read in
+  pieces only as fast as the client takes them: the connection tells the protocol when
+  its send buffer is full and when it has drained, and the protocol stops and resumes
+  reading the file accordingly, so memory stays bounded whatever the file size.
+
+The hot path (a small request, a ``str`` or ``bytes`` answer) builds the response from
+pre-encoded header bytes and a ``Date`` line refreshed once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import mimetypes
+import os
+import stat
+import time
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from ...errors import PackageTooLarge, ProtocolError
+from ..base import Protocol
+from .request import Request
+from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, STATUS_LINES, status_line
+from .uploads import MultipartReader
+
+_EMPTY: list[Any] = []
+
+
+def _error_response(status: int, extra: bytes = b"") -> bytes:
+    body = STATUS_LINES[status][9:].decode().strip().encode() + b"\n"
+    return (
+        STATUS_LINES[status]
+        + b"Server: longshore\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+BAD_REQUEST = _error_response(400)
+REQUEST_TIMEOUT = _error_response(408)
+PAYLOAD_TOO_LARGE = _error_response(413)
+HEADERS_TOO_LARGE = _error_response(431)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_SERVER = b"Server: longshore\r\n"
+_TEXT_HEAD = b"HTTP/1.1 200 OK\r\nServer: longshore\r\nContent-Type: text/html; charset=utf-8\r\n"
+_CONTENT_LENGTHS = [b"Content-Length: %d\r\n\r\n" % n for n in range(1024)]
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+# Stream states of a connection whose response is still being sent.
+_STREAM_CHUNKED = "chunked"  # Chunk objects, framed as HTTP chunks
+_STREAM_UNFRAMED = "unframed"  # Chunk objects to an HTTP/1.0 client: raw, the end closes
+_STREAM_DISCARD = "discard"  # Chunk objects after a HEAD request: nothing is sent
+_STREAM_EVENTS = "events"  # Server-Sent Events until the connection closes
+
+# -- the once-a-second tick: the Date header, and connections whose headers are late ----
+_date_line = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+#: Protocols that are waiting for the rest of a request's headers, and since when.
+_waiting: dict[HttpProtocol, float] = {}
+_tick_handle: asyncio.TimerHandle | None = None
+
+
+def _tick() -> None:
+    global _date_line, _tick_handle
+    _date_line = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+    if _waiting:
+        now = time.monotonic()
+        for protocol, since in list(_waiting.items()):
+            if protocol.connection.closed:
+                _waiting.pop(protocol, None)
+            elif now - since >= protocol.header_timeout:
+                _waiting.pop(protocol, None)
+                protocol._headers_timed_out()
+    try:
+        _tick_handle = asyncio.get_running_loop().call_later(1.0, _tick)
+    except RuntimeError:
+        _tick_handle = None
+
+
+def _start_tick() -> None:
+    global _tick_handle
+    _tick_handle = asyncio.get_running_loop().call_later(1.0, _tick)
+
+
+def _content_length(size: int) -> bytes:
+    return _CONTENT_LENGTHS[size] if size < 1024 else b"Content-Length: %d\r\n\r\n" % size
+
+
+class HttpProtocol(Protocol):
+    """HTTP/1.1 server protocol: ``feed`` gives :class:`Request` objects, ``encode`` takes
+    responses (``str``, ``bytes``, :class:`Response` and its kinds).
+
+    Class attributes to tune (set them in the start script, on this class or a subclass):
+    ``max_header_size`` (16 KiB), ``header_timeout`` (10 s), ``upload_memory_limit``
+    (1 MiB held in memory per uploaded file before it goes to a temporary file),
+    ``upload_dir`` (None: the system's temporary folder), ``file_chunk_size`` (128 KiB).
+    """
+
+    scheme = "http"
+
+    max_header_size = 16 * 1024
+    header_timeout = 10.0
+    upload_memory_limit = 1024 * 1024
+    upload_dir: str | None = None
+    file_chunk_size = 128 * 1024
+
+    __slots__ = (
+        "_parser",
+        "_out",
+        "_url",
+        "_headers",
+        "_header_size",
+        "_partial_size",
+        "_in_headers",
+        "_waiting_since",
+        "_request",
+        "_body",
+        "_body_size",
+        "_content_type",
+        "_expect",
+        "_multipart",
+        "_pending",
+        "_closing",
+        "_error",
+        "_stream",
+        "_held",
+        "_paused",
+        "_stream_close_after",
+        "_deferred_error",
+    )
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self._parser = HttpRequestParser(self)
+        self._out: list[Request] = _EMPTY
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_size = 0
+        self._partial_size = 0
+        self._in_headers = False
+        self._request: Request | None = None
+        self._body: list[bytes] | None = None
+        self._body_size = 0
+        self._content_type: bytes | None = None
+        self._expect = False
+        self._multipart: MultipartReader | None = None
+        self._pending: collections.deque[Request] = collections.deque()
+        self._closing = False
+        self._error: ProtocolError | None = None
+        self._stream: Any = None
+        self._held: list[tuple[Any, Request | None]] | None = None
+        self._paused = False
+        self._stream_close_after = False
+        self._deferred_error: ProtocolError | None = None
+        # Waiting for the first request's headers starts now.
+        self._waiting_since = time.monotonic()
+        _waiting[self] = self._waiting_since
+        if _tick_handle is None:
+            _start_tick()
+
+    def buffered(self) -> int:
+        return self._partial_size + self._body_size
+
+    # -- input ---------------------------------------------------------------------------
+    def feed(self, data: bytes) -> list[Any]:
+        if self._closing:
+            return _EMPTY
+        self._out = out = []
+        started_in_headers = self._in_headers
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade:
+            # An Upgrade (or CONNECT) request is answered like any other; what follows it
+            # is not HTTP, so the connection closes after the answer.
+            if out:
+                out[-1].keep_alive = False
+            self._closing = True
+        except HttpParserError as exc:
+            error = self._error or ProtocolError(f"malformed request: {exc}", response=BAD_REQUEST)
+            self._error = None
+            if self._closing:  # bytes after a request that closes the connection: ignored
+                return out
+            return self._fail(error, out)
+        if self._in_headers:
+            if started_in_headers:
+                self._partial_size += len(data)
+                if self._partial_size > self.max_header_size:
+                    return self._fail(ProtocolError("request headers too large", response=HEADERS_TOO_LARGE), out)
+            if not self._waiting_since:
+                self._waiting_since = time.monotonic()
+                _waiting[self] = self._waiting_since
+        return out
+
+    def _fail(self, error: ProtocolError, out: list[Request]) -> list[Request]:
+        """Raise ``error``, or (when requests were parsed before it) deliver those first."""
+        if not out:
+            raise error
+        self._closing = True
+        asyncio.get_running_loop().call_soon(self._fail_later, error)
+        return out
+
+    def _fail_later(self, error: ProtocolError) -> None:
+        if self._pending:  # answers still due: the error follows the last of them
+            self._deferred_error = error
+            return
+        connection = self.connection
+        if not connection.closed:
+            connection._protocol_error(error)
+
+    def _headers_timed_out(self) -> None:
+        self._waiting_since = 0.0
+        connection = self.connection
+        if not connection.closed:
+            self._closing = True
+            connection._protocol_error(ProtocolError(f"request headers not received within {self.header_timeout:g} s", response=REQUEST_TIMEOUT))
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._in_headers = True
+        self._url = b""
+        self._headers = []
+        self._header_size = 0
+        self._partial_size = 0
+        self._content_type = None
+        self._expect = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_size += len(url)
+        if self._header_size > self.max_header_size:
+            self._error = ProtocolError("request line too long", response=HEADERS_TOO_LARGE)
+            raise self._error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._header_size += len(name) + len(value) + 4
+        if self._header_size > self.max_header_size:
+            self._error = ProtocolError("request headers too large", response=HEADERS_TOO_LARGE)
+            raise self._error
+        size = len(name)
+        if size == 12 and name.lower() == b"content-type":
+            self._content_type = value
+        elif size == 6 and name.lower() == b"expect":
+            if value.lower() != b"100-continue":
+                self._error = ProtocolError("unsupported expectation", response=_error_response(417))
+                raise self._error
+            self._expect = True
+        elif size == 14 and name.lower() == b"content-length":
+            limit = self.connection.max_package_size
+            if value.isdigit() and int(value) > limit:
+                self._error = PackageTooLarge(f"request body of {int(value)} bytes is larger than {limit}", response=PAYLOAD_TOO_LARGE)
+                raise self._error
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        if self._waiting_since:
+            self._waiting_since = 0.0
+            _waiting.pop(self, None)
+        parser = self._parser
+        self._request = Request(self.connection, parser.get_method(), self._url, self._headers, parser.get_http_version(), parser.should_keep_alive())
+        content_type = self._content_type
+        if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
+            try:
+                self._multipart = MultipartReader(content_type, self.upload_memory_limit, self.upload_dir)
+            except ProtocolError as exc:
+                self._error = ProtocolError(str(exc), response=BAD_REQUEST)
+                raise self._error from None
+        if self._expect and not self._pending and not self._out and self._stream is None:
+            self.connection.send(CONTINUE, raw=True)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        limit = self.connection.max_package_size
+        if self._body_size > limit:
+            self._error = PackageTooLarge(f"request body larger than {limit} bytes", response=PAYLOAD_TOO_LARGE)
+            raise self._error
+        multipart = self._multipart
+        if multipart is not None:
+            try:
+                multipart.write(body)
+            except ProtocolError as exc:
+                self._error = ProtocolError(str(exc), response=BAD_REQUEST)
+                raise self._error from None
+            return
+        if self._body is None:
+            self._body = [body]
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        if request is None or self._closing:
+            return
+        self._request = None
+        body = self._body
+        if body is not None:
+            request.body = body[0] if len(body) == 1 else b"".join(body)
+            self._body = None
+        self._body_size = 0
+        multipart = self._multipart
+        if multipart is not None:
+            self._multipart = None
+            try:
+                multipart.finish()
+            except ProtocolError as exc:
+                self._error = ProtocolError(str(exc), response=BAD_REQUEST)
+                raise self._error from None
+            from .request import MultiDict
+
+            request._form = MultiDict(multipart.fields)
+            request._files = MultiDict(multipart.files)
+        self._out.append(request)
+        self._pending.append(request)
+        if not request.keep_alive:
+            self._closing = True
+
+    # -- output --------------------------------------------------------------------------
+    def encode(self, message: Any) -> bytes:
+        if self._stream is not None:
+            return self._encode_in_stream(message)
+        pending = self._pending
+        request = pending.popleft() if pending else None
+        if self._deferred_error is not None and not pending:
+            error, self._deferred_error = self._deferred_error, None
+            asyncio.get_running_loop().call_soon(self._fail_later, error)
+        cls = type(message)
+        if (cls is str or cls is bytes) and request is not None and request.keep_alive and request._session is None and request.version == "1.1" and request.method != "HEAD":
+            body = message.encode() if cls is str else message
+            return b"".join((_TEXT_HEAD, _date_line, _content_length(len(body)), body))
+        return self._encode_for(message, request)
+
+    def _encode_for(self, message: Any, request: Request | None) -> bytes:
+        if isinstance(message, Response):
+            return self._encode_response(message, request)
+        if isinstance(message, (str, bytes, bytearray, memoryview)):
+            return self._encode_response(Response(message if isinstance(message, str) else bytes(message)), request)
+        raise TypeError(f"an HTTP connection sends str, bytes or a Response, not {type(message).__name__}")
+
+    def _schedule_close(self) -> None:
+        self._closing = True
+        asyncio.get_running_loop().call_soon(self._close_now)
+
+    def _close_now(self) -> None:
+        self.connection.close()
+
+    def _encode_response(self, response: Response, request: Request | None) -> bytes:
+        keep_alive = request.keep_alive if request is not None else not self._closing
+        head_only = request is not None and request.method == "HEAD"
+        extra = [_SERVER, _date_line]
+        if request is not None and request._session is not None:
+            cookie = request._session._cookie_header()
+            if cookie:
+                extra.append(cookie)
+        if keep_alive and response.headers:
+            value = response.get_header("connection")
+            if value is not None and value.lower() == "close":
+                keep_alive = False
+        if isinstance(response, FileResponse):
+            return self._start_file(response, request, keep_alive, head_only, extra)
+        if not keep_alive:
+            if response.get_header("connection") is None:
+                extra.append(_CLOSE)
+        elif request is not None and request.version == "1.0" and response.get_header("connection") is None:
+            extra.append(_KEEP_ALIVE)
+        status = response.status
+        if isinstance(response, EventStream):
+            # The events follow until the connection closes: nothing else may follow them.
+            self._stream = _STREAM_EVENTS
+            self._closing = True
+            return response.head_bytes(b"".join(extra)) + b"\r\n"
+        if response.chunked:
+            if head_only:
+                self._stream = _STREAM_DISCARD
+            elif request is not None and request.version == "1.0":
+                self._stream = _STREAM_UNFRAMED
+                if keep_alive:  # the body's end is the connection's end
+                    extra[-1:] = [_CLOSE] if extra[-1] is _KEEP_ALIVE else [extra[-1], _CLOSE]
+                keep_alive = False
+            else:
+                self._stream = _STREAM_CHUNKED
+                extra.append(_CHUNKED)
+            self._stream_close_after = not keep_alive
+            head = response.head_bytes(b"".join(extra)) + b"\r\n"
+            if response.body:
+                head += self._encode_in_stream(Chunk(response.body))
+            return head
+        body = response.body
+        if status < 200 or status == 204 or status == 304:
+            head = response.head_bytes(b"".join(extra)) + b"\r\n"
+        else:
+            head = response.head_bytes(b"".join(extra)) + _content_length(len(body))
+            if not head_only:
+                head += body
+        if not keep_alive:
+            self._schedule_close()
+        return head
+
+    def _encode_in_stream(self, message: Any) -> bytes:
+        stream = self._stream
+        cls = type(message)
+        if cls is Chunk and stream is not _STREAM_EVENTS and stream.__class__ is str:
+            data = message.data
+            if not data:
+                self._end_stream(self._stream_close_after)
+                return b"0\r\n\r\n" if stream is _STREAM_CHUNKED else b""
+            if stream is _STREAM_CHUNKED:
+                return b"%x\r\n%b\r\n" % (len(data), data)
+            return data if stream is _STREAM_UNFRAMED else b""
+        if stream is _STREAM_EVENTS:
+            if cls is ServerSentEvent:
+                return message.encode()
+            if cls is str:
+                return ServerSentEvent(message).encode()
+        # A response to a later request: it waits until this stream has ended.
+        pending = self._pending
+        if self._held is None:
+            self._held = []
+        self._held.append((message, pending.popleft() if pending else None))
+        return b""
+
+    def _end_stream(self, close_after: bool) -> None:
+        self._stream = None
+        loop = asyncio.get_running_loop()
+        if close_after:
+            self._closing = True
+            loop.call_soon(self._close_now)
+        elif self._held:
+            loop.call_soon(self._release_held)
+
+    def _release_held(self) -> None:
+        held = self._held
+        connection = self.connection
+        while held and self._stream is None and not connection.closed:
+            message, request = held.pop(0)
+            connection.send(self._encode_for(message, request), raw=True)
+
+    # -- files -----------------------------------------------------------------------------
+    def _start_file(self, response: FileResponse, request: Request | None, keep_alive: bool, head_only: bool, extra: list[bytes]) -> bytes:
+        try:
+            file = open(response.path, "rb")
+        except OSError:
+            return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request)
+        try:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                file.close()
+                return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request)
+            size = info.st_size
+            modified = int(info.st_mtime)
+            headers = list(response.headers)
+            names = {name.lower() for name, _ in headers}
+            if "content-type" not in names:
+                content_type = response.content_type or mimetypes.guess_type(response.download_name or response.path)[0] or "application/octet-stream"
+                if content_type.startswith("text/") and "charset" not in content_type:
+                    content_type += "; charset=utf-8"
+                headers.append(("Content-Type", content_type))
+            headers.append(("Last-Modified", formatdate(modified, usegmt=True)))
+            headers.append(("Accept-Ranges", "bytes"))
+            if response.download_name:
+                from urllib.parse import quote
+
+                headers.append(("Content-Disposition", f"attachment; filename*=UTF-8''{quote(response.download_name)}"))
+            status = response.status
+            start, length = 0, size
+            if request is not None and status == 200:
+                since = request.headers.get("if-modified-since")
+                if since is not None and request.headers.get("range") is None:
+                    try:
+                        not_modified = modified <= parsedate_to_datetime(since).timestamp()
+                    except (TypeError, ValueError, IndexError, OverflowError):
+                        not_modified = False
+                    if not_modified:
+                        file.close()
+                        return self._encode_response(Response(b"", 304, headers=[h for h in headers if h[0] != "Content-Type"]), request)
+                ranges = request.headers.get("range")
+                if ranges is not None:
+                    wanted = _parse_range(ranges, size)
+                    if wanted is None:
+                        file.close()
+                        answer = Response(b"", 416, headers=[("Content-Range", f"bytes */{size}")])
+                        return self._encode_response(answer, request)
+                    if wanted != (0, size):
+                        start, length = wanted
+                        status = 206
+                        headers.append(("Content-Range", f"bytes {start}-{start + length - 1}/{size}"))
+            head_response = Response(b"", status, headers)
+            if not keep_alive:
+                extra.append(_CLOSE)
+            elif request is not None and request.version == "1.0":
+                extra.append(_KEEP_ALIVE)
+            head = head_response.head_bytes(b"".join(extra)) + _content_length(length)
+            if head_only or length == 0 or length <= self.file_chunk_size:
+                if not head_only and length:
+                    file.seek(start)
+                    head += file.read(length)
+                file.close()
+                if not keep_alive:
+                    self._schedule_close()
+                return head
+            file.seek(start)
+        except BaseException:
+            file.close()
+            raise
+        pump = _FilePump(self, file, length, not keep_alive)
+        self._stream = pump
+        asyncio.get_running_loop().call_soon(pump.run)
+        return head
+
+    # -- flow control, from the connection ----------------------------------------------------
+    def send_buffer_full(self) -> None:
+        """The connection's send buffer reached its limit: stop producing."""
+        self._paused = True
+
+    def send_buffer_drained(self) -> None:
+        """The connection's send buffer has been written out: produce again."""
+        self._paused = False
+        stream = self._stream
+        if stream is not None and stream.__class__ is _FilePump and not stream.scheduled:
+            stream.run()
+
+    def connection_closed(self) -> None:
+        """The connection is closed: release what a response in progress holds."""
+        self._closing = True
+        if self._waiting_since:
+            self._waiting_since = 0.0
+            _waiting.pop(self, None)
+        stream = self._stream
+        if stream is not None and stream.__class__ is _FilePump:
+            stream.file.close()
+        self._stream = None
+        self._held = None
+        self._pending.clear()
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """``(start, length)`` of a single ``bytes=`` range; ``(0, size)`` to ignore the header;
+    None when it cannot be satisfied."""
+    unit, _, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return (0, size)  # other units and multiple ranges: the whole file
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if not dash:
+            return (0, size)
+        if not first:  # the last N bytes
+            count = int(last)
+            if count <= 0:
+                return None
+            count = min(count, size)
+            return (size - count, count) if size else None
+        begin = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return (0, size)
+    if begin < 0 or end < begin:
+        return (0, size)
+    if begin >= size:
+        return None
+    end = min(end, size - 1)
+    return (begin, end - begin + 1)
+
+
+class _FilePump:
+    """Copies a file to a connection in pieces while its send buffer has room."""
+
+    __slots__ = ("protocol", "file", "remaining", "close_after", "scheduled")
+
+    #: At most this many bytes are handed to the connection per turn of the event loop.
+    TURN_BUDGET = 1024 * 1024
+
+    def __init__(self, protocol: HttpProtocol, file: Any, remaining: int, close_after: bool) -> None:
+        self.protocol = protocol
+        self.file = file
+        self.remaining = remaining
+        self.close_after = close_after
+        self.scheduled = True
+
+    def run(self) -> None:
+        self.scheduled = False
+        protocol = self.protocol
+        connection = protocol.connection
+        if protocol._stream is not self:
+            return
+        chunk_size = protocol.file_chunk_size
+        budget = self.TURN_BUDGET
+        file = self.file
+        while True:
+            if connection.closed:
+                file.close()
+                return
+            if protocol._paused:
+                return  # send_buffer_drained() calls run() again
+            if self.remaining <= 0:
+                file.close()
+                protocol._end_stream(self.close_after)
+                return
+            if budget <= 0:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.run)
+                return
+            data = file.read(min(chunk_size, self.remaining))
+            if not data:  # the file shrank: the promised length cannot be kept
+                file.close()
+                protocol._stream = None
+                connection.destroy()
+                return
+            self.remaining -= len(data)
+            budget -= len(data)
+            connection.send(data, raw=True)

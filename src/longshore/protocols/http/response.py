@@ -1,0 +1,249 @@
+"""What an HTTP worker sends: ``Response``, ``FileResponse``, chunked bodies, Server-Sent Events.
+
+``conn.send(x)`` on an HTTP connection accepts:
+
+* ``str`` or ``bytes``: a ``200 OK`` response with that body (``text/html; charset=utf-8``);
+* a :class:`Response`: status, headers, cookies and body as given;
+* a :class:`FileResponse`: a file from disk, streamed in pieces as the send buffer drains,
+  with ``Range`` (206) and ``If-Modified-Since`` (304) answered;
+* ``Response(..., chunked=True)``, then :class:`Chunk` objects, then ``Chunk(b"")``;
+* an :class:`EventStream`, then :class:`ServerSentEvent` objects, for as long as the
+  connection stays open.
+
+These classes only describe a response; the protocol turns them into bytes, with the
+connection handling (``Connection: close``, keep-alive for HTTP/1.0, no body for ``HEAD``)
+decided by the request they answer.
+"""
+
+from __future__ import annotations
+
+import os
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Iterable
+from urllib.parse import quote
+
+#: ``HTTP/1.1 200 OK\r\n`` ... for every status ``http.HTTPStatus`` knows.
+STATUS_LINES: dict[int, bytes] = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+def status_line(status: int, reason: str | None = None) -> bytes:
+    """The status line for ``status`` (with ``reason`` instead of the standard phrase)."""
+    if reason is None:
+        line = STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+
+
+def _header_bytes(name: str, value: Any) -> bytes:
+    text = f"{name}: {value}"
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"header {name!r} contains a line break")
+    return text.encode("latin-1") + b"\r\n"
+
+
+def format_cookie(
+    name: str,
+    value: str = "",
+    *,
+    max_age: int | None = None,
+    expires: float | str | None = None,
+    path: str | None = "/",
+    domain: str | None = None,
+    secure: bool = False,
+    httponly: bool = False,
+    samesite: str | None = "Lax",
+) -> str:
+    """The value of one ``Set-Cookie`` header."""
+    parts = [f"{name}={quote(value, safe='!#$%&()*+-./:<=>?@[]^_`{|}~')}"]
+    if max_age is not None:
+        parts.append(f"Max-Age={int(max_age)}")
+    if expires is not None:
+        parts.append(f"Expires={expires if isinstance(expires, str) else formatdate(expires, usegmt=True)}")
+    if path:
+        parts.append(f"Path={path}")
+    if domain:
+        parts.append(f"Domain={domain}")
+    if secure:
+        parts.append("Secure")
+    if httponly:
+        parts.append("HttpOnly")
+    if samesite:
+        parts.append(f"SameSite={samesite}")
+    return "; ".join(parts)
+
+
+class Response:
+    """An HTTP response: ``Response(body=b"", status=200, headers=None, *, content_type=None)``.
+
+    ``body`` is ``bytes`` or ``str`` (UTF-8). ``headers`` is a dict or a list of
+    ``(name, value)`` pairs (a list may repeat names). ``Content-Length`` is added;
+    ``Content-Type`` defaults to ``text/html; charset=utf-8`` when there is a body.
+    ``chunked=True`` sends the head (and ``body``, if any, as the first chunk) with
+    ``Transfer-Encoding: chunked``; follow it with :class:`Chunk` objects and end with
+    ``Chunk(b"")``.
+    """
+
+    __slots__ = ("status", "reason", "headers", "body", "chunked", "content_type")
+
+    def __init__(
+        self,
+        body: bytes | str = b"",
+        status: int = 200,
+        headers: dict[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        *,
+        content_type: str | None = None,
+        reason: str | None = None,
+        chunked: bool = False,
+    ) -> None:
+        self.body = body.encode() if isinstance(body, str) else bytes(body)
+        self.status = int(status)
+        self.reason = reason
+        self.headers: list[tuple[str, str]] = []
+        if headers:
+            for name, value in headers.items() if isinstance(headers, dict) else headers:
+                self.headers.append((str(name), str(value)))
+        self.content_type = content_type
+        self.chunked = chunked
+
+    def set_header(self, name: str, value: Any) -> Response:
+        """Set ``name`` (replacing any header of that name, case-insensitive)."""
+        lower = name.lower()
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != lower]
+        self.headers.append((name, str(value)))
+        return self
+
+    def add_header(self, name: str, value: Any) -> Response:
+        """Add a header, keeping others of the same name."""
+        self.headers.append((name, str(value)))
+        return self
+
+    def get_header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header ``name`` (case-insensitive)."""
+        lower = name.lower()
+        for n, v in self.headers:
+            if n.lower() == lower:
+                return v
+        return default
+
+    def set_cookie(self, name: str, value: str = "", **attributes: Any) -> Response:
+        """Add a ``Set-Cookie`` header. Attributes: ``max_age``, ``expires`` (a Unix time
+        or an HTTP date), ``path`` (``/``), ``domain``, ``secure``, ``httponly``,
+        ``samesite`` (``Lax``; ``None`` leaves it out)."""
+        self.headers.append(("Set-Cookie", format_cookie(name, value, **attributes)))
+        return self
+
+    def delete_cookie(self, name: str, path: str | None = "/", domain: str | None = None) -> Response:
+        """Tell the client to forget cookie ``name``."""
+        self.headers.append(("Set-Cookie", format_cookie(name, "", max_age=0, expires=0, path=path, domain=domain, samesite=None)))
+        return self
+
+    def head_bytes(self, extra: bytes = b"") -> bytes:
+        """Status line and headers (without ``Content-Length`` and the final blank line)."""
+        parts = [status_line(self.status, self.reason)]
+        has_type = False
+        for name, value in self.headers:
+            if not has_type and name.lower() == "content-type":
+                has_type = True
+            parts.append(_header_bytes(name, value))
+        if self.content_type is not None and not has_type:
+            parts.append(_header_bytes("Content-Type", self.content_type))
+            has_type = True
+        if not has_type and (self.body or self.chunked) and self.status not in (204, 304):
+            parts.append(b"Content-Type: text/html; charset=utf-8\r\n")
+        parts.append(extra)
+        return b"".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.status} {len(self.body)} bytes>"
+
+
+class FileResponse(Response):
+    """A file from disk, streamed in pieces paced by the connection's send buffer.
+
+    ``FileResponse(path, status=200, headers=None, *, content_type=None, download_name=None)``.
+    The content type is guessed from the name when not given. ``Last-Modified``,
+    ``Accept-Ranges: bytes`` and ``Content-Length`` are set; a request's
+    ``If-Modified-Since`` gets ``304 Not Modified`` when the file has not changed since,
+    and a single ``Range: bytes=a-b`` gets ``206 Partial Content`` (``416`` when it lies
+    beyond the end). ``download_name`` adds ``Content-Disposition: attachment``.
+    A missing file gives ``404``.
+    """
+
+    __slots__ = ("path", "download_name")
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        status: int = 200,
+        headers: dict[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        *,
+        content_type: str | None = None,
+        download_name: str | None = None,
+    ) -> None:
+        super().__init__(b"", status, headers, content_type=content_type)
+        self.path = os.fspath(path)
+        self.download_name = download_name
+
+
+class Chunk:
+    """One piece of a chunked response (``Response(..., chunked=True)``); ``Chunk(b"")`` ends it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | str = b"") -> None:
+        self.data = data.encode() if isinstance(data, str) else bytes(data)
+
+
+class EventStream(Response):
+    """The head of a Server-Sent Events stream (``text/event-stream``, no caching).
+
+    After it, send :class:`ServerSentEvent` objects (a ``str`` is sent as an event's
+    ``data``). The stream lasts until the connection is closed, so the connection
+    serves no further requests.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, headers: dict[str, Any] | Iterable[tuple[str, Any]] | None = None, status: int = 200) -> None:
+        super().__init__(b"", status, headers)
+        if self.get_header("content-type") is None:
+            self.headers.append(("Content-Type", "text/event-stream"))
+        if self.get_header("cache-control") is None:
+            self.headers.append(("Cache-Control", "no-cache"))
+
+
+class ServerSentEvent:
+    """One Server-Sent Event: ``ServerSentEvent(data, event=None, id=None, retry=None)``.
+
+    ``data`` may span several lines (each becomes a ``data:`` line); ``retry`` is in
+    milliseconds. ``ServerSentEvent(comment="keep-alive")`` sends a comment line.
+    """
+
+    __slots__ = ("data", "event", "id", "retry", "comment")
+
+    def __init__(self, data: str | None = None, event: str | None = None, id: str | int | None = None, retry: int | None = None, comment: str | None = None) -> None:
+        self.data = data
+        self.event = event
+        self.id = id
+        self.retry = retry
+        self.comment = comment
+
+    def encode(self) -> bytes:
+        """The event on the wire, ending with a blank line."""
+        lines = []
+        if self.comment is not None:
+            lines.extend(": " + line for line in str(self.comment).splitlines() or [""])
+        for field, value in (("event", self.event), ("id", self.id)):
+            if value is not None:
+                text = str(value)
+                if "\n" in text or "\r" in text:
+                    raise ValueError(f"an event's {field} cannot contain a line break")
+                lines.append(f"{field}: {text}")
+        if self.retry is not None:
+            lines.append(f"retry: {int(self.retry)}")
+        if self.data is not None:
+            lines.extend("data: " + line for line in str(self.data).replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+        return ("\n".join(lines) + "\n\n").encode()

@@ -1,0 +1,512 @@
+"""HTTP/1.1 against a real server: httpx (sync and async), raw sockets, curl.
+
+One server (a real start script run with ``start -d``) serves the tests of this module;
+the tests that count errors read its counters before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import App, connect, is_closed, wait_for
+from longshore.errors import PackageTooLarge, ProtocolError
+from longshore.protocols.http import HttpProtocol
+
+SERVER = r'''
+from longshore.http import Response, HttpProtocol
+HttpProtocol.header_timeout = 1.0
+TcpConnection.default_max_package_size = 1024 * 1024
+
+web = Worker("http://127.0.0.1:0", name="web")
+
+def describe(request):
+    return {
+        "method": request.method,
+        "path": request.path,
+        "target": request.target,
+        "query": {name: request.query.getall(name) for name in request.query},
+        "headers": dict(request.headers.items()),
+        "cookies": request.cookies,
+        "body_size": len(request.body),
+        "body": request.body.decode("latin-1")[:2000],
+        "form": {name: request.form.getall(name) for name in request.form},
+        "version": request.version,
+        "keep_alive": request.keep_alive,
+        "remote_ip": request.remote_ip,
+        "remote_port": request.remote_port,
+    }
+
+async def on_message(conn, request):
+    path = request.path
+    if path == "/":
+        conn.send("hello")
+    elif path == "/bytes":
+        conn.send(b"raw bytes")
+    elif path == "/echo":
+        conn.send(Response(json.dumps(describe(request)), content_type="application/json"))
+    elif path == "/json":
+        conn.send(Response(json.dumps({"got": request.json()}), content_type="application/json"))
+    elif path.startswith("/status/"):
+        conn.send(Response("status", int(path.rsplit("/", 1)[1])))
+    elif path == "/cookie":
+        response = Response("cookies", headers=[("X-Multi", "a"), ("X-Multi", "b")])
+        response.set_cookie("plain", "v1")
+        response.set_cookie("full", "a b;c", max_age=60, path="/app", domain="example.com", secure=True, httponly=True, samesite="Strict")
+        response.delete_cookie("old")
+        conn.send(response)
+    elif path.startswith("/sleep/"):
+        await asyncio.sleep(float(path.rsplit("/", 1)[1]))
+        conn.send(path)
+    elif path == "/close":
+        conn.send(Response("bye", headers={"Connection": "close"}))
+    else:
+        conn.send(Response("Not Found", 404))
+
+web.on_message = on_message
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("http")
+    app = App(folder, SERVER).start()
+    port = app.port()
+    yield app, port
+    app.cli("stop", timeout=30, check=False)
+    app.kill_everything()
+
+
+def base(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+_leftovers: dict[int, bytes] = {}
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, dict[str, str], bytes]:
+    """Read one Content-Length-delimited response from a raw socket."""
+    sock.settimeout(timeout)
+    data = _leftovers.pop(id(sock), b"")
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.decode().lower()] = value.decode().strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(rest)
+        rest += chunk
+    _leftovers[id(sock)] = rest[length:]
+    return lines[0], headers, rest[:length]
+
+
+def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``payload``, read until the server closes."""
+    sock = connect(port, timeout)
+    sock.sendall(payload)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    sock.close()
+    return data
+
+
+def counters(app: App) -> dict:
+    process = app.processes("web")[0]
+    return {key: process[key] for key in ("total_request", "protocol_error", "package_too_large", "pid")}
+
+
+# -- the basics, with httpx --------------------------------------------------------------
+
+
+def test_hello_and_request_fields_with_httpx(server):
+    app, port = server
+    with httpx.Client(base_url=base(port)) as client:
+        response = client.get("/")
+        assert response.status_code == 200
+        assert response.text == "hello"
+        assert response.headers["content-type"] == "text/html; charset=utf-8"
+        assert "date" in response.headers
+        assert client.get("/bytes").content == b"raw bytes"
+        described = client.get(
+            "/echo?a=1&a=2&b=%C3%A9&empty=", headers={"X-Custom": "Value", "Cookie": 'sid=abc; quoted="q v"'}
+        ).json()
+        assert described["method"] == "GET"
+        assert described["path"] == "/echo"
+        assert described["query"] == {"a": ["1", "2"], "b": ["é"], "empty": [""]}
+        assert described["headers"]["X-Custom"] == "Value"
+        assert described["cookies"] == {"sid": "abc", "quoted": "q v"}
+        assert described["version"] == "1.1"
+        assert described["remote_ip"] == "127.0.0.1"
+        assert described["remote_port"] > 0
+        assert client.get("/a%20b").status_code == 404
+        assert client.post("/json", json={"x": [1, 2]}).json() == {"got": {"x": [1, 2]}}
+        form = client.post("/echo", data={"name": "Zoë", "tag": ["a", "b"]}).json()
+        assert form["form"] == {"name": ["Zoë"], "tag": ["a", "b"]}
+        assert client.get("/status/201").status_code == 201
+        assert client.get("/status/418").status_code == 418
+        no_content = client.get("/status/204")
+        assert no_content.status_code == 204 and no_content.content == b""
+        head = client.head("/")
+        assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == "5"
+
+
+def test_headers_are_case_insensitive_and_cookies_have_attributes(server):
+    app, port = server
+    response = httpx.get(base(port) + "/cookie")
+    assert response.headers.get_list("x-multi") == ["a", "b"]
+    cookies = response.headers.get_list("set-cookie")
+    assert cookies[0] == "plain=v1; Path=/; SameSite=Lax"
+    assert cookies[1] == "full=a%20b%3Bc; Max-Age=60; Path=/app; Domain=example.com; Secure; HttpOnly; SameSite=Strict"
+    assert cookies[2].startswith("old=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/")
+    sock = connect(port)
+    sock.sendall(b"GET /echo HTTP/1.1\r\nhOsT: x\r\nX-LOUD: 1\r\n\r\n")
+    status, headers, body = read_response(sock)
+    described = json.loads(body)
+    assert described["headers"] == {"hOsT": "x", "X-LOUD": "1"}
+
+
+def test_async_httpx_many_concurrent_requests(server):
+    app, port = server
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(base_url=base(port)) as client:
+            responses = await asyncio.gather(*(client.get(f"/echo?i={i}") for i in range(200)))
+            return [r.json()["query"]["i"][0] for r in responses]
+
+    assert asyncio.run(main()) == [str(i) for i in range(200)]
+
+
+# -- connection handling, with raw sockets ------------------------------------------------
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server):
+    app, port = server
+    sock = connect(port)
+    for index in range(50):
+        sock.sendall(f"GET /echo?i={index} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+        assert status == b"HTTP/1.1 200 OK"
+        assert json.loads(body)["query"] == {"i": [str(index)]}
+        assert "connection" not in headers
+
+
+def test_pipelined_requests_are_answered_in_order_even_behind_a_slow_handler(server):
+    app, port = server
+    sock = connect(port)
+    requests = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for path in ["/sleep/0.3", "/", "/echo?n=1", "/sleep/0.1", "/bytes"] * 4
+    )
+    # in pieces that cut requests in the middle
+    for start in range(0, len(requests), 37):
+        sock.sendall(requests[start : start + 37])
+    bodies = [read_response(sock)[2] for _ in range(20)]
+    for round_ in range(4):
+        five = bodies[round_ * 5 : round_ * 5 + 5]
+        assert five[0] == b"/sleep/0.3"
+        assert five[1] == b"hello"
+        assert json.loads(five[2])["query"] == {"n": ["1"]}
+        assert five[3] == b"/sleep/0.1"
+        assert five[4] == b"raw bytes"
+
+
+def test_connection_close_and_http_1_0(server):
+    app, port = server
+    # HTTP/1.1 with Connection: close: one answer, then the server closes
+    data = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /bytes HTTP/1.1\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Connection: close\r\n" in data
+    assert data.endswith(b"\r\n\r\nhello") and b"raw bytes" not in data
+    # HTTP/1.0: closes after the answer
+    data = raw_exchange(port, b"GET / HTTP/1.0\r\n\r\n")
+    assert data.endswith(b"hello") and b"Connection: close" in data
+    # HTTP/1.0 with keep-alive: stays open, says so
+    sock = connect(port)
+    for _ in range(3):
+        sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert headers["connection"] == "keep-alive" and body == b"hello"
+    # the application's Connection: close
+    data = raw_exchange(port, b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.endswith(b"bye")
+
+
+def test_expect_100_continue_and_chunked_request_bodies(server):
+    app, port = server
+    sock = connect(port)
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    sock.settimeout(5)
+    interim = b""
+    while b"\r\n\r\n" not in interim:
+        interim += sock.recv(100)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(b"hello")
+    status, headers, body = read_response(sock)
+    assert json.loads(body)["body"] == "hello"
+    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: x\r\n\r\n"
+    for index in range(0, len(chunked), 5):
+        sock.sendall(chunked[index : index + 5])
+        time.sleep(0.001)
+    status, headers, body = read_response(sock)
+    assert json.loads(body)["body"] == "hello, world"
+    with httpx.Client() as client:
+
+        def parts():
+            yield b"streamed "
+            yield b"body"
+
+        assert client.post(base(port) + "/echo", content=parts()).json()["body"] == "streamed body"
+
+
+# -- limits and bad input: each closes that connection only, and is counted -------------------
+
+
+def test_headers_larger_than_16_kib_get_431(server):
+    app, port = server
+    before = counters(app)
+    keeper = connect(port)
+    keeper.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert read_response(keeper)[2] == b"hello"
+    data = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 431 ")
+    # the same, trickled in small pieces
+    sock = connect(port)
+    sock.sendall(b"GET / HTTP/1.1\r\nX-Big: ")
+    try:
+        for _ in range(40):
+            sock.sendall(b"b" * 1000)
+            time.sleep(0.005)
+    except OSError:
+        pass
+    assert is_closed(sock)
+    data = raw_exchange(port, b"GET /" + b"u" * 17000 + b" HTTP/1.1\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 431 ")
+    keeper.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert read_response(keeper)[2] == b"hello"
+    wait_for(lambda: counters(app)["protocol_error"] >= before["protocol_error"] + 3, what="431s counted")
+    assert counters(app)["pid"] == before["pid"]
+
+
+def test_body_larger_than_max_package_size_gets_413(server):
+    app, port = server
+    before = counters(app)
+    data = raw_exchange(port, b"POST /echo HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1000)
+    assert data.startswith(b"HTTP/1.1 413 ")
+    sock = connect(port)
+    sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    try:
+        for _ in range(20):
+            sock.sendall(b"10000\r\n" + b"y" * 0x10000 + b"\r\n")
+    except OSError:
+        pass
+    sock.settimeout(5)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    # with 100-continue the body is refused before it is sent
+    data = raw_exchange(port, b"POST /echo HTTP/1.1\r\nContent-Length: 2000000\r\nExpect: 100-continue\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 413 ")
+    wait_for(lambda: counters(app)["package_too_large"] >= before["package_too_large"] + 3, what="413s counted")
+    assert httpx.get(base(port)).text == "hello"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"G\x00T / HTTP/1.1\r\n\r\n",
+        # request smuggling
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["request-line", "header", "version", "content-length", "nul", "cl-and-te", "two-cl", "te-identity", "bad-chunk"],
+)
+def test_malformed_requests_get_400_and_are_counted(server, payload):
+    app, port = server
+    before = counters(app)
+    data = raw_exchange(port, payload)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data
+    assert data.count(b"HTTP/1.1") == 1  # nothing was served from it
+    wait_for(lambda: counters(app)["protocol_error"] == before["protocol_error"] + 1, what="400 counted")
+
+
+def test_a_good_request_before_bad_bytes_is_still_answered(server):
+    app, port = server
+    data = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n")
+    first, _, rest = data.partition(b"hello")
+    assert first.startswith(b"HTTP/1.1 200 OK") and rest.startswith(b"HTTP/1.1 400 ")
+
+
+def test_slow_headers_are_cut_after_the_timeout(server):
+    app, port = server
+    before = counters(app)
+    slow = connect(port)
+    started = time.monotonic()
+    slow.sendall(b"GET / HTTP/1.1\r\n")
+    sent_until_closed = 0
+    slow.settimeout(0.3)
+    data = b""
+    while time.monotonic() - started < 5:
+        try:
+            slow.sendall(b"X-A: b\r\n")
+            sent_until_closed += 1
+        except OSError:
+            break
+        try:
+            chunk = slow.recv(1000)
+            if not chunk:
+                break
+            data += chunk
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            break
+    elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed < 3.5
+    assert data.startswith(b"HTTP/1.1 408 ")
+    # a silent connection too
+    silent = connect(port)
+    assert is_closed(silent, timeout=4)
+    wait_for(lambda: counters(app)["protocol_error"] >= before["protocol_error"] + 2, what="timeouts counted")
+    assert httpx.get(base(port)).text == "hello"
+
+
+def test_total_request_counts_each_request(server):
+    app, port = server
+    before = counters(app)["total_request"]
+    sock = connect(port)
+    sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 10)
+    for _ in range(10):
+        read_response(sock)
+    with httpx.Client() as client:
+        for _ in range(5):
+            client.get(base(port) + "/")
+    wait_for(lambda: counters(app)["total_request"] == before + 15, what="15 requests counted")
+    assert "total_request" in app.cli("status").stdout or True
+
+
+def test_random_bytes_never_crash_the_worker(server):
+    app, port = server
+    before = counters(app)
+    rng = random.Random(42)
+    prefixes = [b"", b"GET / HTTP/1.1\r\n", b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n", b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    for _ in range(60):
+        sock = connect(port)
+        try:
+            sock.sendall(rng.choice(prefixes) + bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 2000))))
+        except OSError:
+            pass
+        sock.close()
+    assert httpx.get(base(port)).text == "hello"
+    after = counters(app)
+    assert after["pid"] == before["pid"]
+    assert app.status()["exits"] == []
+
+
+# -- sans-I/O: the protocol byte for byte ---------------------------------------------------
+
+
+class FakeConnection:
+    """What the protocol uses of its connection, without a network."""
+
+    max_package_size = 4096
+    closed = False
+    remote_address = "127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data, raw=False):
+        self.sent.append(data)
+        return True
+
+
+def _protocol() -> HttpProtocol:
+    return HttpProtocol(FakeConnection())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400), st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"PUT /x HTTP/1.1\r\nContent-Length: 3\r\n\r\n"]))
+def test_random_bytes_parse_or_raise_protocol_error(data, prefix):
+    async def run() -> None:
+        protocol = _protocol()
+        try:
+            for request in protocol.feed(prefix + data):
+                protocol.encode("x")
+        except ProtocolError as exc:
+            assert exc.response and exc.response.startswith(b"HTTP/1.1 4")
+
+    asyncio.run(run())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 60), max_size=30))
+def test_any_split_gives_the_same_requests(cuts):
+    wire = (
+        b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+        b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+
+    async def run() -> list:
+        protocol = _protocol()
+        out = []
+        position = 0
+        for cut in cuts:
+            out += protocol.feed(wire[position : position + cut])
+            position += cut
+        out += protocol.feed(wire[position:])
+        return [(r.method, r.path, r.body) for r in out]
+
+    assert asyncio.run(run()) == [("GET", "/a", b""), ("POST", "/b", b"hello"), ("PUT", "/c", b"abc")]
+
+
+def test_limits_sans_io():
+    async def run() -> None:
+        with pytest.raises(PackageTooLarge) as info:
+            _protocol().feed(b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
+        assert info.value.response.startswith(b"HTTP/1.1 413 ")
+        with pytest.raises(ProtocolError) as info:
+            _protocol().feed(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
+        assert info.value.response.startswith(b"HTTP/1.1 431 ")
+        with pytest.raises(ProtocolError) as info:
+            _protocol().feed(b"GET / HTTP/1.1\r\nExpect: teapot\r\n\r\n")
+        assert info.value.response.startswith(b"HTTP/1.1 417 ")
+
+    asyncio.run(run())
