@@ -103,8 +103,6 @@ class Worker:
             raise ValueError("a Worker needs count >= 1")
         self.listen = listen
         self.address: ListenAddress | None = parse_listen(listen) if listen else None
-        if self.address is not None and self.address.transport == "udp":
-            raise ValueError("udp:// workers are not supported yet")
         if isinstance(protocol, str):
             protocol = get_protocol(protocol)
         elif protocol is None and self.address is not None:
@@ -202,6 +200,7 @@ class _WorkerProcess:
         self.runtime = runtime
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.udp_transport: asyncio.BaseTransport | None = None
         self.stopping = False
         self.graceful = False
         self.done: asyncio.Future[int] | None = None
@@ -292,6 +291,12 @@ class _WorkerProcess:
             return TcpConnection(worker, protocol_class, handlers)
 
         loop = asyncio.get_running_loop()
+        if address.transport == "udp":
+            from .connection.udp import UdpServer
+
+            transport, _ = await loop.create_datagram_endpoint(lambda: UdpServer(worker, protocol_class, handlers), sock=sock)
+            self.udp_transport = transport
+            return
         self.server = await loop.create_server(factory, sock=sock, backlog=worker.backlog)
 
     # -- signals -----------------------------------------------------------------------
@@ -330,6 +335,8 @@ class _WorkerProcess:
         self.table.set_state(self.slot, STATE_STOPPING)
         if self.server is not None:
             self.server.close()
+        if self.udp_transport is not None:
+            self.udp_transport.close()
         log.info(
             "worker %s[%d] pid %d %s (%d connections)",
             worker.name,

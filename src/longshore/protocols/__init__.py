@@ -15,6 +15,7 @@ from .text import TextProtocol
 
 _registry: dict[str, type[Protocol]] = {
     "tcp": RawProtocol,
+    "udp": RawProtocol,
     "text": TextProtocol,
     "frame": FrameProtocol,
     "http": HttpProtocol,
