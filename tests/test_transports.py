@@ -1,0 +1,58 @@
+"""Stream transports: Unix sockets and IPv6."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from conftest import read_lines, wait_for
+
+
+def test_unix_socket_worker_serves_and_removes_its_socket(app_factory, tmp_path):
+    path = tmp_path / "app.sock"
+    app = app_factory(
+        f"""
+w = Worker("unix://{path}", name="local", protocol="text", count=2, unix_mode=0o660)
+w.on_message = lambda conn, line: conn.send("unix " + line + " " + repr(conn.remote_address))
+"""
+    ).start()
+    assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o660"
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    client.connect(str(path))
+    client.sendall(b"hi\n")
+    assert read_lines(client, 1) == ["unix hi ''"]
+    client.close()
+    app.cli("stop")
+    assert not path.exists()
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this machine")
+def test_ipv6_listener_and_addresses(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://[::1]:0", name="six")
+w.on_message = lambda conn, line: conn.send(conn.remote_ip + " " + line)
+"""
+    ).start()
+    listen = app.status()["workers"][0]["listen"]
+    assert listen.startswith("text://[::1]:")
+    port = int(listen.rsplit(":", 1)[1])
+    client = socket.create_connection(("::1", port), timeout=5)
+    client.sendall(b"hello\n")
+    assert read_lines(client, 1) == ["::1 hello"]
+    rows = json.loads(app.cli("connections", "--json").stdout)["connections"]
+    assert rows[0]["remote"] == f"[::1]:{client.getsockname()[1]}"
+    assert rows[0]["local"] == f"[::1]:{port}"
