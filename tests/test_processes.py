@@ -338,3 +338,19 @@ w.on_message = lambda conn, line: conn.send(line)
     one_pid = rows[0]["pid"]
     filtered = json.loads(app.cli("connections", "--json", "--pid", str(one_pid)).stdout)["connections"]
     assert filtered and all(row["pid"] == one_pid for row in filtered)
+
+
+def test_restart_gives_a_new_master_that_serves(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="again")
+w.on_message = lambda conn, line: conn.send(line)
+"""
+    ).start()
+    first = app.master_pid()
+    app.cli("restart", "-d")
+    second = app.master_pid()
+    assert second and second != first
+    sock = connect(app.port())
+    sock.sendall(b"back\n")
+    assert read_lines(sock, 1) == ["back"]
