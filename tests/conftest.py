@@ -33,6 +33,44 @@ if __name__ == "__main__":
 """
 
 
+def paced_producer(total: int, chunk: int, name: str = "producer", stop_timeout: float = 10.0) -> str:
+    """A start script body: a ``tcp://`` worker that, on a client's first bytes, sends it
+    ``total`` bytes in blocks of ``chunk`` (block i is ``bytes([i % 251]) * chunk``),
+    pausing on ``on_buffer_full`` and going on at ``on_buffer_drain``, then closes."""
+    return f"""
+w = Worker("tcp://127.0.0.1:0", name="{name}", stop_timeout={stop_timeout})
+TOTAL = {total}
+CHUNK = {chunk}
+state = {{}}
+
+def produce(conn):
+    s = state[conn]
+    while s["sent"] < TOTAL and not s["full"]:
+        n = min(CHUNK, TOTAL - s["sent"])
+        assert conn.send(bytes([s["sent"] // CHUNK % 251]) * n) is not False
+        s["sent"] += n
+    if s["sent"] >= TOTAL and not s["closing"]:
+        s["closing"] = True
+        conn.close()
+
+def on_message(conn, data):
+    if conn not in state:
+        state[conn] = {{"sent": 0, "full": False, "closing": False}}
+        produce(conn)
+
+def on_buffer_full(conn):
+    state[conn]["full"] = True
+
+def on_buffer_drain(conn):
+    state[conn]["full"] = False
+    produce(conn)
+
+w.on_message = on_message
+w.on_buffer_full = on_buffer_full
+w.on_buffer_drain = on_buffer_drain
+"""
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout

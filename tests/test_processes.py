@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from conftest import connect, read_lines, wait_for
+from conftest import connect, paced_producer, read_lines, wait_for
 
 PID_ECHO = """
 w = Worker("text://127.0.0.1:0", count=4, name="multi")
@@ -79,37 +79,7 @@ def test_cli_says_already_running_and_not_running(app_factory):
 
 def test_graceful_stop_lets_an_in_flight_transfer_finish(app_factory):
     total = 20 * 1024 * 1024
-    app = app_factory(
-        f"""
-w = Worker("tcp://127.0.0.1:0", name="transfer", stop_timeout=60)
-TOTAL = {total}
-state = {{}}
-
-def produce(conn):
-    s = state[conn]
-    while s["sent"] < TOTAL and not s["full"]:
-        conn.send(b"z" * 65536)
-        s["sent"] += 65536
-    if s["sent"] >= TOTAL and not s["closing"]:
-        s["closing"] = True
-        conn.close()
-
-def on_message(conn, data):
-    state[conn] = {{"sent": 0, "full": False, "closing": False}}
-    produce(conn)
-
-def on_buffer_full(conn):
-    state[conn]["full"] = True
-
-def on_buffer_drain(conn):
-    state[conn]["full"] = False
-    produce(conn)
-
-w.on_message = on_message
-w.on_buffer_full = on_buffer_full
-w.on_buffer_drain = on_buffer_drain
-"""
-    ).start()
+    app = app_factory(paced_producer(total, 65536, name="transfer", stop_timeout=60)).start()
     port = app.port()
     sock = connect(port, timeout=30, rcvbuf=32 * 1024)
     sock.sendall(b"go")

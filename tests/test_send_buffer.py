@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from conftest import connect, is_closed, read_lines, wait_for
+from conftest import connect, is_closed, paced_producer, read_lines, wait_for
 
 RECORDER = """
 RESULTS = os.path.join(os.environ["APP_DIR"], "results.json")
@@ -137,39 +137,7 @@ w.on_buffer_full = on_buffer_full
 
 def test_buffer_full_and_drain_pace_a_large_transfer(app_factory):
     total = 64 * 1024 * 1024
-    app = app_factory(
-        f"""
-w = Worker("tcp://127.0.0.1:0", name="bulk")
-TOTAL = {total}
-CHUNK = 256 * 1024
-state = {{}}
-
-def produce(conn):
-    s = state[conn]
-    while s["sent"] < TOTAL and not s["full"]:
-        n = min(CHUNK, TOTAL - s["sent"])
-        block = bytes([s["sent"] // CHUNK % 251]) * n
-        assert conn.send(block) is not False
-        s["sent"] += n
-    if s["sent"] >= TOTAL:
-        conn.close()
-
-def on_message(conn, data):
-    state[conn] = {{"sent": 0, "full": False}}
-    produce(conn)
-
-def on_buffer_full(conn):
-    state[conn]["full"] = True
-
-def on_buffer_drain(conn):
-    state[conn]["full"] = False
-    produce(conn)
-
-w.on_message = on_message
-w.on_buffer_full = on_buffer_full
-w.on_buffer_drain = on_buffer_drain
-"""
-    ).start()
+    app = app_factory(paced_producer(total, 256 * 1024, name="bulk")).start()
     port = app.port()
     memory_before = app.processes()[0]["memory"]
     sock = connect(port, timeout=30, rcvbuf=64 * 1024)

@@ -1,7 +1,8 @@
 """The command line of a start script: ``python start.py <command> [options]``.
 
 ========================  ===============================================================
-``start [-d]``            run the master and its workers (``-d``: as a daemon)
+``start [-d] [--watch]``  run the master and its workers (``-d``: as a daemon;
+                          ``--watch``: reload when a Python file changes)
 ``stop [-g]``             stop (``-g``: gracefully, letting connections finish)
 ``restart [-d] [-g]``     stop, then start
 ``reload [-g]``           replace the workers one at a time (``-g``: gracefully)
@@ -32,11 +33,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     start = commands.add_parser("start", help="start the master and its workers")
     start.add_argument("-d", "--daemon", action="store_true", help="run in the background")
+    start.add_argument("--watch", action="store_true", help="reload gracefully when a Python file next to the start script changes")
     stop = commands.add_parser("stop", help="stop")
     stop.add_argument("-g", "--graceful", action="store_true", help="let connections finish first")
     restart = commands.add_parser("restart", help="stop, then start")
     restart.add_argument("-d", "--daemon", action="store_true", help="run in the background")
     restart.add_argument("-g", "--graceful", action="store_true", help="stop gracefully")
+    restart.add_argument("--watch", action="store_true", help="reload gracefully when a Python file changes")
     reload = commands.add_parser("reload", help="replace the workers one at a time")
     reload.add_argument("-g", "--graceful", action="store_true", help="let old workers finish their connections")
     reload.add_argument("--no-wait", action="store_true", help="do not wait for the reload to finish")
@@ -64,13 +67,13 @@ def dispatch(args: argparse.Namespace, workers: list[Worker], runtime: Runtime) 
     """Run one parsed command; return the exit status."""
     command = args.command
     if command == "start":
-        return start(workers, runtime, args.daemon)
+        return start(workers, runtime, args.daemon, args.watch)
     if command == "restart":
         if runtime.read_master_pid():
             code = stop(runtime, workers, args.graceful)
             if code:
                 return code
-        return start(workers, runtime, args.daemon)
+        return start(workers, runtime, args.daemon, args.watch)
     master_pid = runtime.read_master_pid()
     if master_pid is None:
         print(f"longshore: {os.path.basename(runtime.start_file)} is not running", file=sys.stderr)
@@ -125,14 +128,15 @@ def open_table(runtime: Runtime) -> StatsTable | None:
             time.sleep(0.05)
 
 
-def start(workers: list[Worker], runtime: Runtime, daemon: bool) -> int:
-    """``start``: run the master (in the foreground, or as a daemon)."""
+def start(workers: list[Worker], runtime: Runtime, daemon: bool, watch: bool = False) -> int:
+    """``start``: run the master (in the foreground, or as a daemon); ``watch``: reload
+    gracefully whenever a Python file in the start script's folder changes."""
     if not workers:
         print("longshore: the start script created no Worker", file=sys.stderr)
         return 1
     from .master import Master
 
-    return Master(workers, runtime, daemon=daemon).start()
+    return Master(workers, runtime, daemon=daemon, watch=watch).start()
 
 
 def stop(runtime: Runtime, workers: list[Worker], graceful: bool) -> int:

@@ -14,6 +14,14 @@ taken while running, one worker process at a time:
   replacement cannot start, the reload is abandoned and the old process keeps serving.
 * quick (SIGUSR1, ``reload``): ask the old process to stop (SIGUSR1), fork the
   replacement when it has exited, wait until it serves, go on.
+
+Besides the workers, the master may fork helper processes (:class:`Helper`): the
+``monitor`` (``Worker.metrics_listen``: Prometheus metrics and the status page over
+HTTP) and the ``watcher`` (``start --watch``: a graceful reload when a Python file
+changes). The master itself never runs threads or an event loop (it forks), so
+anything that needs one lives in a helper. Helpers are supervised like workers: their
+exits are logged and counted in the exit table, and they are respawned with back-off.
+They are stopped after the workers.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ import os
 import select
 import signal
 import sys
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from . import __version__, logs
+from . import __version__, logs, users
 from .loop import loop_name
 from .runtime import Runtime
 from .stats import STATE_RUNNING, StatsTable, rss_bytes
@@ -81,6 +90,22 @@ class Child:
 
 
 @dataclass
+class Helper:
+    """A helper process (not a worker) the master forks and keeps alive.
+
+    ``target`` runs in the forked process and returns its exit code.
+    """
+
+    name: str
+    target: Callable[[], int]
+    pid: int | None = None
+    started: float = 0.0
+    failures: int = 0
+    respawn_at: float | None = None
+    stop_requested: bool = False
+
+
+@dataclass
 class ReloadStep:
     """The worker process being replaced right now."""
 
@@ -94,10 +119,14 @@ class ReloadStep:
 class Master:
     """Supervises the worker processes of one start script."""
 
-    def __init__(self, workers: list[Worker], runtime: Runtime, daemon: bool = False) -> None:
+    def __init__(self, workers: list[Worker], runtime: Runtime, daemon: bool = False, watch: bool = False) -> None:
         self.workers = workers
         self.runtime = runtime
         self.daemon = daemon
+        self.watch = watch
+        self.helpers: list[Helper] = []
+        self.metrics_socket: socket.socket | None = None
+        self.metrics_listen = ""
         self.state = RUNNING
         self.children: dict[int, Child] = {}
         self.assigned: dict[tuple[int, int], int] = {}
@@ -127,6 +156,11 @@ class Master:
             print(f"longshore: {os.path.basename(runtime.start_file)} is already running (master pid {running})")
             return 1
         runtime.make_folders()
+        try:
+            owners = self.worker_identities()
+        except ValueError as exc:
+            print(f"longshore: {exc}", file=sys.stderr)
+            return 1
         for worker in self.workers:
             try:
                 worker.bind()
@@ -135,18 +169,44 @@ class Master:
                 for other in self.workers:
                     other.unbind()
                 return 1
+        if Worker.metrics_listen:
+            from .monitor import bind_metrics_socket
+
+            try:
+                self.metrics_socket, self.metrics_listen = bind_metrics_socket(Worker.metrics_listen)
+            except (OSError, ValueError) as exc:
+                print(f"longshore: cannot listen on metrics_listen {Worker.metrics_listen}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+                for worker in self.workers:
+                    worker.unbind()
+                return 1
         if self.daemon:
             launcher_code = self.daemonize()
             if launcher_code is not None:
                 return launcher_code
-        logs.configure(runtime.log_file, foreground=not self.daemon)
+        logs.configure(
+            runtime.log_file,
+            foreground=not self.daemon,
+            max_bytes=Worker.log_max_bytes,
+            backup_count=Worker.log_backup_count,
+            owners=[(identity.uid, identity.gid) for identity in owners],
+        )
         try:
             return self.run()
         except BaseException:
             log.exception("master failed")
             self.kill_all(signal.SIGKILL)
+            self.kill_helpers(signal.SIGKILL)
             self.cleanup()
             raise
+
+    def worker_identities(self) -> list[users.Identity]:
+        """The users workers will run as (checked before anything starts)."""
+        identities = []
+        for worker in self.workers:
+            identity = users.resolve(worker.user, worker.group)
+            if identity is not None and users.needs_switch(identity) and users.can_switch():
+                identities.append(identity)
+        return identities
 
     def daemonize(self) -> int | None:
         """Detach: double fork, new session, stdin from /dev/null, output to stdout_file.
@@ -212,9 +272,18 @@ class Master:
         )
         for worker in self.workers:
             log.info("worker %s: %s, %d process(es)", worker.name, worker.bound_listen or "(no listener)", worker.count)
+            identity = users.resolve(worker.user, worker.group)
+            if users.needs_switch(identity):
+                if users.can_switch():
+                    log.info("worker %s runs as %s", worker.name, identity)
+                else:
+                    log.warning("worker %s: user/group %s ignored: the master does not run as root", worker.name, identity)
         for index, worker in enumerate(self.workers):
             for worker_id in range(worker.count):
                 self.spawn((index, worker_id))
+        self.create_helpers()
+        for helper in self.helpers:
+            self.spawn_helper(helper)
         self.ready_deadline = time.monotonic() + 10.0
         if not self.daemon:
             self.print_banner()
@@ -229,6 +298,10 @@ class Master:
         lines = [f"longshore {__version__}  master pid {os.getpid()}  ({loop_name()})"]
         for worker in self.workers:
             lines.append(f"  {worker.name:<16} {worker.bound_listen or '(no listener)':<36} processes: {worker.count}")
+        if self.metrics_listen:
+            lines.append(f"  status page http://{self.metrics_listen}/  metrics http://{self.metrics_listen}/metrics")
+        if self.watch:
+            lines.append(f"  watching {os.path.dirname(self.runtime.start_file)} for changed Python files")
         lines.append("Press Ctrl+C to stop.")
         print("\n".join(lines), flush=True)
 
@@ -274,9 +347,12 @@ class Master:
             Timer._run_master_due()
 
     def next_timeout(self) -> float:
-        timeout = 1.0
+        timeout = 0.5  # also how often the log file size is checked
         if self.pending_spawns:
             timeout = min(timeout, max(0.0, min(self.pending_spawns.values()) - time.monotonic()))
+        for helper in self.helpers:
+            if helper.respawn_at is not None:
+                timeout = min(timeout, max(0.0, helper.respawn_at - time.monotonic()))
         if self.reload_step is not None or self.reload_queue or self.ready_fd is not None or self.state == STOPPING:
             timeout = min(timeout, 0.05)
         next_timer = Timer._run_master_due()
@@ -303,17 +379,26 @@ class Master:
                 if due <= now:
                     del self.pending_spawns[key]
                     self.spawn(key)
+            for helper in self.helpers:
+                if helper.respawn_at is not None and helper.respawn_at <= now:
+                    self.spawn_helper(helper)
             if self.reload_step is not None or self.reload_queue:
                 self.advance_reload()
             if self.ready_fd is not None:
                 self.report_ready(now)
         elif self.state == STOPPING:
             if not self.children:
-                self.state = STOPPED
-            elif now >= self.stop_deadline:
+                self.stop_helpers()  # the workers are gone: the monitor has nothing more to show
+                if not any(helper.pid for helper in self.helpers):
+                    self.state = STOPPED
+            if self.state == STOPPING and now >= self.stop_deadline:
                 for child in self.children.values():
                     log.warning("worker %s[%d] pid %d did not stop in time: SIGKILL", child.worker.name, child.worker_id, child.pid)
+                for helper in self.helpers:
+                    if helper.pid:
+                        log.warning("%s pid %d did not stop in time: SIGKILL", helper.name, helper.pid)
                 self.kill_all(signal.SIGKILL)
+                self.kill_helpers(signal.SIGKILL)
                 self.stop_deadline = now + 5.0
         for child in self.children.values():
             if child.kill_at is not None and now >= child.kill_at:
@@ -322,6 +407,11 @@ class Master:
                 child.kill_at = None
         if self.header_dirty or time.time() - self.header_written >= 1.0:
             self.write_header()
+        try:
+            if logs.rotate_if_needed():
+                log.info("log file rotated")
+        except OSError:
+            log.exception("could not rotate the log file")
 
     def report_ready(self, now: float) -> None:
         """Tell the launching process (start -d) that the workers are up."""
@@ -374,7 +464,101 @@ class Master:
                     os.close(fd)
                 except OSError:
                     pass
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
+            self.metrics_socket = None
         self.children.clear()
+        self.helpers = []
+        logs.configure_child()
+
+    # -- helper processes ----------------------------------------------------------------
+    def create_helpers(self) -> None:
+        """The helper processes this configuration asks for."""
+        if self.metrics_socket is not None:
+            from .monitor import run_monitor
+
+            metrics_socket, stats_file, master_pid = self.metrics_socket, self.runtime.stats_file, os.getpid()
+            self.helpers.append(Helper("monitor", lambda: run_monitor(metrics_socket, stats_file, master_pid)))
+        if self.watch:
+            from .watch import run_watcher
+
+            start_file, master_pid = self.runtime.start_file, os.getpid()
+            self.helpers.append(Helper("watcher", lambda: run_watcher(start_file, master_pid)))
+
+    def spawn_helper(self, helper: Helper) -> None:
+        """Fork the process of ``helper``."""
+        helper.respawn_at = None
+        helper.stop_requested = False
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            metrics_socket = self.metrics_socket
+            self.metrics_socket = None  # kept open for the monitor
+            self.become_worker()
+            for worker in self.workers:  # not worker.unbind(): that would remove Unix socket files
+                if worker._socket is not None:
+                    worker._socket.close()
+                    worker._socket = None
+            if self.table is not None:
+                self.table.close()  # a helper maps the table read-only if it needs it
+                self.table = None
+            if metrics_socket is not None and helper.name != "monitor":
+                metrics_socket.close()
+            code = 1
+            try:
+                code = helper.target()
+            except BaseException:
+                log.exception("%s failed", helper.name)
+            finally:
+                for handler in logging.getLogger().handlers:
+                    try:
+                        handler.flush()
+                    except Exception:
+                        pass
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+        helper.pid = pid
+        helper.started = time.monotonic()
+        self.header_dirty = True
+        log.info("spawned %s pid %d", helper.name, pid)
+
+    def on_helper_exit(self, helper: Helper, status: int) -> None:
+        words = describe_exit(status)
+        self.exits[(helper.name, words)] += 1
+        self.header_dirty = True
+        lived = time.monotonic() - helper.started
+        expected = helper.stop_requested or self.state != RUNNING
+        log.log(logging.INFO if expected else logging.WARNING, "%s pid %d exited: %s (after %.1f s)", helper.name, helper.pid, words, lived)
+        helper.pid = None
+        if self.state != RUNNING:
+            return
+        if lived < MIN_HEALTHY_LIFETIME:
+            helper.failures += 1
+            delay = min(0.25 * 2 ** (helper.failures - 1), MAX_RESPAWN_DELAY)
+            log.warning("%s failed to start or died at once; respawning in %.2f s", helper.name, delay)
+        else:
+            helper.failures = 0
+            delay = 0.0
+        helper.respawn_at = time.monotonic() + delay
+
+    def stop_helpers(self) -> None:
+        """Ask every helper process to exit (once)."""
+        for helper in self.helpers:
+            helper.respawn_at = None
+            if helper.pid and not helper.stop_requested:
+                helper.stop_requested = True
+                self.send(helper.pid, signal.SIGTERM)
+
+    def kill_helpers(self, signum: int) -> None:
+        for helper in self.helpers:
+            if helper.pid:
+                helper.stop_requested = True
+                self.send(helper.pid, signum)
 
     def reap(self) -> None:
         while True:
@@ -386,6 +570,9 @@ class Master:
                 return
             child = self.children.pop(pid, None)
             if child is None:
+                for helper in self.helpers:
+                    if helper.pid == pid:
+                        self.on_helper_exit(helper, status)
                 continue
             self.on_child_exit(child, status)
 
@@ -472,6 +659,11 @@ class Master:
         self.reload_queue.clear()
         self.reload_step = None
         self.kill_all(signal.SIGQUIT if graceful else signal.SIGTERM)
+        for helper in self.helpers:
+            helper.respawn_at = None
+            if helper.name == "watcher" and helper.pid:  # no reloads while stopping
+                helper.stop_requested = True
+                self.send(helper.pid, signal.SIGTERM)
         for worker in self.workers:
             worker.unbind()
         longest = max((worker.stop_timeout for worker in self.workers), default=2.0)
@@ -483,6 +675,9 @@ class Master:
     def cleanup(self) -> None:
         for worker in self.workers:
             worker.unbind()
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
+            self.metrics_socket = None
         for path in (self.runtime.pid_file, self.runtime.stats_file):
             try:
                 os.unlink(path)
@@ -543,7 +738,7 @@ class Master:
                 step.new_pid = new_pid
                 step.phase = "ready"
             elif step.old_pid not in self.children and step.key not in self.pending_spawns:
-                self.reload_step = None  # respawn was not scheduled (stopping): nothing to wait for
+                self.finish_reload_step()  # respawn was not scheduled (stopping): nothing to wait for
             return
         if step.phase == "ready":
             new_pid = self.assigned.get(step.key)
@@ -560,7 +755,13 @@ class Master:
                         self.send(step.old_pid, signal.SIGUSR2)
                         old.kill_at = now + old.worker.stop_timeout + 5.0
                 log.info("reload: worker %s[%d] replaced by pid %d", self.workers[step.key[0]].name, step.key[1], new_pid)
-                self.reload_step = None
+                self.finish_reload_step()
+
+    def finish_reload_step(self) -> None:
+        self.reload_step = None
+        if not self.reload_queue:
+            log.info("reload done")
+            self.header_dirty = True
 
     # -- hooks and the status header ---------------------------------------------------
     def call_master_hook(self, name: str) -> None:
@@ -587,6 +788,9 @@ class Master:
                 "loop": loop_name(),
                 "python": sys.version.split()[0],
                 "updated": time.time(),
+                "metrics_listen": self.metrics_listen or None,
+                "watch": self.watch,
+                "helpers": [{"name": helper.name, "pid": helper.pid} for helper in self.helpers if helper.pid],
             },
             "workers": [
                 {"name": worker.name, "listen": worker.bound_listen, "count": worker.count, "reloadable": worker.reloadable}

@@ -115,6 +115,7 @@ def render_status(document: dict[str, Any]) -> Group:
         f"started {started}, up {human_duration(master.get('uptime', 0))}, state {master.get('state', '?')}",
         (" (reloading)" if master.get("reloading") else ""),
         f", master memory {human_bytes(master.get('memory', 0))}",
+        (f"\nstatus page http://{master['metrics_listen']}/  metrics http://{master['metrics_listen']}/metrics" if master.get("metrics_listen") else ""),
     )
     table = Table(box=box.SIMPLE_HEAD, show_footer=True, pad_edge=False)
     summary = document["summary"]
@@ -199,9 +200,13 @@ def collect_connections(runtime: Runtime, table: StatsTable, timeout: float = 2.
     """Ask every worker (SIGIO) for its connections; return the rows and the pids that
     did not answer in time (busy in user code)."""
     asked: list[int] = []
-    since = time.time() - 0.001
+    # A list counts as fresh when its file changed after the signal. File times come
+    # from a coarse kernel clock that can lag time.time() by a few milliseconds, so
+    # compare with the file as it was, not with the time of asking.
+    before: dict[int, tuple[int, int, int] | None] = {}
     for record in table.read_slots():
         if record.pid > 0 and record.state in (STATE_RUNNING, STATE_STOPPING):
+            before[record.pid] = _file_signature(runtime.connections_file(record.pid))
             try:
                 os.kill(record.pid, signal.SIGIO)
                 asked.append(record.pid)
@@ -214,7 +219,7 @@ def collect_connections(runtime: Runtime, table: StatsTable, timeout: float = 2.
         for pid in list(waiting):
             path = runtime.connections_file(pid)
             try:
-                if os.stat(path).st_mtime < since:
+                if _file_signature(path) in (None, before.get(pid)):
                     continue
                 with open(path) as file:
                     rows.extend(json.load(file))
@@ -225,6 +230,14 @@ def collect_connections(runtime: Runtime, table: StatsTable, timeout: float = 2.
             time.sleep(0.02)
     rows.sort(key=lambda row: (-row["send_buffer"], row["worker"], row["pid"], row["id"]))
     return rows, sorted(waiting)
+
+
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def print_connections(rows: list[dict[str, Any]], silent: list[int], console: Console | None = None) -> None:

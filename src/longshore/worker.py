@@ -39,6 +39,7 @@ from .protocols import get_protocol
 from .protocols.base import Protocol
 from .stats import PUBLISH_INTERVAL, STATE_RUNNING, STATE_STOPPING, StatsTable, process_stats, rss_bytes
 from .timer import Timer
+from . import users
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -81,6 +82,13 @@ class Worker:
     log_file: ClassVar[str | None] = None
     #: Where a daemon's stdout and stderr go (default: ``.longshore/<script>.stdout.log``).
     stdout_file: ClassVar[str | None] = None
+    #: The log file is rotated when it reaches this size (0: never) ...
+    log_max_bytes: ClassVar[int] = 10 * 1024 * 1024
+    #: ... keeping this many old files (``start.log.1`` is the newest).
+    log_backup_count: ClassVar[int] = 5
+    #: ``"127.0.0.1:9100"``: serve Prometheus metrics (``/metrics``) and a status page
+    #: (``/``) from a monitor process; port 0 picks a free port (see ``status``).
+    metrics_listen: ClassVar[str | None] = None
     #: Master hooks (class attributes): called in the master process.
     on_master_start: ClassVar[Callable[[], Any] | None] = None
     on_master_stop: ClassVar[Callable[[], Any] | None] = None
@@ -98,6 +106,8 @@ class Worker:
         reloadable: bool = True,
         stop_timeout: float = 10.0,
         unix_mode: int = 0o666,
+        user: str | int | None = None,
+        group: str | int | None = None,
     ) -> None:
         if count < 1:
             raise ValueError("a Worker needs count >= 1")
@@ -115,6 +125,10 @@ class Worker:
         self.reloadable = reloadable
         self.stop_timeout = stop_timeout
         self.unix_mode = unix_mode
+        #: Run the worker processes as this user (and group; default: the user's own).
+        #: Takes effect when the master runs as root.
+        self.user = user
+        self.group = group
         #: The process slot, 0..count-1 (set in the worker process).
         self.id = -1
         #: Open connections of this process, by connection id.
@@ -208,6 +222,8 @@ class _WorkerProcess:
         self.publish_count = 0
         self.cached_send_buffer = 0
         self.cached_bytes = (0, 0)
+        self.connections_fd: int | None = None
+        self.own_socket: socket.socket | None = None
 
     def run(self) -> int:
         worker = self.worker
@@ -229,6 +245,10 @@ class _WorkerProcess:
             setproctitle(f"longshore: worker {worker.name} {worker.bound_listen or '(no listener)'}".rstrip())
         except ImportError:  # pragma: no cover
             pass
+        identity = users.resolve(worker.user, worker.group) if users.can_switch() else None
+        if identity is not None and users.needs_switch(identity):
+            self.prepare_user_switch()
+            users.switch_to(identity)
         loop = new_event_loop()
         asyncio.set_event_loop(loop)
         self.loop = loop
@@ -240,6 +260,20 @@ class _WorkerProcess:
                 loop.close()
             except Exception:
                 pass
+
+    def prepare_user_switch(self) -> None:
+        """Before giving up root: open what the worker cannot open afterwards."""
+        # The connection list is written through a descriptor opened now: the run-time
+        # folder may be out of the new user's reach.
+        self.connections_fd = os.open(self.runtime.connections_file(os.getpid()), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        worker = self.worker
+        if worker.reuse_port and worker.address is not None and worker.address.transport != "unix":
+            # SO_REUSEPORT sockets of one port must belong to the same user: bind as root
+            # (listening starts once the worker serves).
+            port = worker._socket.getsockname()[1] if worker._socket is not None else worker.address.port
+            address = worker.address
+            own = ListenAddress(address.url, address.scheme, address.transport, address.host, port, address.path)
+            self.own_socket = bind_socket(own, reuse_port=True, backlog=worker.backlog, listen=False)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -275,7 +309,12 @@ class _WorkerProcess:
         worker = self.worker
         address = worker.address
         assert address is not None and worker.protocol is not None
-        if worker.reuse_port:
+        if self.own_socket is not None:
+            if worker._socket is not None:
+                worker._socket.close()
+            sock = self.own_socket
+            sock.listen(worker.backlog)
+        elif worker.reuse_port:
             port = worker._socket.getsockname()[1] if worker._socket is not None else address.port
             if worker._socket is not None:
                 worker._socket.close()
@@ -440,6 +479,14 @@ class _WorkerProcess:
         ]
         path = self.runtime.connections_file(os.getpid())
         temporary = f"{path}.tmp"
+        if self.connections_fd is not None:  # running as another user: write in place
+            try:
+                data = json.dumps(rows).encode()
+                os.ftruncate(self.connections_fd, 0)
+                os.pwrite(self.connections_fd, data, 0)
+            except OSError:
+                log.exception("could not write the connection list to %s", path)
+            return
         try:
             with open(temporary, "w") as file:
                 json.dump(rows, file)
