@@ -409,6 +409,7 @@ def test_slow_headers_are_cut_after_the_timeout(server):
 
 def test_total_request_counts_each_request(server):
     app, port = server
+    time.sleep(0.5)  # let the figures of earlier requests be published
     before = counters(app)["total_request"]
     sock = connect(port)
     sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 10)
@@ -418,7 +419,6 @@ def test_total_request_counts_each_request(server):
         for _ in range(5):
             client.get(base(port) + "/")
     wait_for(lambda: counters(app)["total_request"] == before + 15, what="15 requests counted")
-    assert "total_request" in app.cli("status").stdout or True
 
 
 def test_random_bytes_never_crash_the_worker(server):

@@ -435,11 +435,14 @@ class HttpProtocol(Protocol):
                 return message.encode()
             if cls is str:
                 return ServerSentEvent(message).encode()
-        # A response to a later request: it waits until this stream has ended.
-        pending = self._pending
+        # A response to a later request (or its chunks): it waits until this stream has ended.
+        request = None
+        if cls is not Chunk and cls is not ServerSentEvent:
+            pending = self._pending
+            request = pending.popleft() if pending else None
         if self._held is None:
             self._held = []
-        self._held.append((message, pending.popleft() if pending else None))
+        self._held.append((message, request))
         return b""
 
     def _end_stream(self, close_after: bool) -> None:
@@ -454,9 +457,23 @@ class HttpProtocol(Protocol):
     def _release_held(self) -> None:
         held = self._held
         connection = self.connection
-        while held and self._stream is None and not connection.closed:
-            message, request = held.pop(0)
-            connection.send(self._encode_for(message, request), raw=True)
+        while held and not connection.closed:
+            message, request = held[0]
+            stream = self._stream
+            cls = type(message)
+            if cls is Chunk or cls is ServerSentEvent:
+                if stream is None or stream.__class__ is _FilePump:
+                    if stream is None:
+                        held.pop(0)  # a chunk with no chunked response to belong to
+                        continue
+                    return  # behind a file that is still being sent
+                held.pop(0)
+                connection.send(self._encode_in_stream(message), raw=True)
+            else:
+                if stream is not None:
+                    return  # the next response waits for this stream's end
+                held.pop(0)
+                connection.send(self._encode_for(message, request), raw=True)
 
     # -- files -----------------------------------------------------------------------------
     def _start_file(self, response: FileResponse, request: Request | None, keep_alive: bool, head_only: bool, extra: list[bytes]) -> bytes:
@@ -576,10 +593,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
         end = int(last) if last else size - 1
     except ValueError:
         return (0, size)
-    if begin < 0 or end < begin:
-        return (0, size)
     if begin >= size:
         return None
+    if begin < 0 or end < begin:
+        return (0, size)
     end = min(end, size - 1)
     return (begin, end - begin + 1)
 

@@ -1,0 +1,306 @@
+"""HTTP files, ranges, chunked responses, Server-Sent Events, uploads and sessions, against a
+real server with real clients (httpx, curl, raw sockets, a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from email.utils import formatdate
+
+import httpx
+import pytest
+
+from conftest import App, connect, wait_for
+
+SERVER = r'''
+from longshore.http import (Response, FileResponse, Chunk, EventStream, ServerSentEvent,
+                            HttpProtocol, configure_sessions, FileSessionStore, RedisSessionStore)
+HttpProtocol.upload_memory_limit = 64 * 1024
+TcpConnection.default_max_package_size = 64 * 1024 * 1024
+APP_DIR = os.environ["APP_DIR"]
+if os.environ.get("REDIS_URL"):
+    configure_sessions(RedisSessionStore(os.environ["REDIS_URL"]), cookie_name="SID", lifetime=600)
+else:
+    configure_sessions(FileSessionStore(os.path.join(APP_DIR, "sessions")), cookie_name="SID", lifetime=600)
+
+web = Worker("http://127.0.0.1:0", name="web")
+streams = {}
+
+def on_message(conn, request):
+    path = request.path
+    if path.startswith("/files/"):
+        conn.send(FileResponse(os.path.join(APP_DIR, path[7:]), download_name=request.query.get("as")))
+    elif path == "/chunked":
+        conn.send(Response("first;", chunked=True, content_type="text/plain"))
+        for index in range(3):
+            conn.send(Chunk(f"part{index};"))
+        conn.send(Chunk(b""))
+    elif path == "/chunked-later":
+        conn.send(Response(chunked=True))
+        def more(step=[0]):
+            step[0] += 1
+            conn.send(Chunk(f"tick{step[0]};") if step[0] <= 3 else Chunk(""))
+        for delay in (0.05, 0.1, 0.15, 0.2):
+            Timer.add(delay, more, persistent=False)
+    elif path == "/sse":
+        conn.send(EventStream())
+        conn.send(ServerSentEvent("hello", event="greeting", id=1, retry=1500))
+        conn.send(ServerSentEvent("two\nlines", id=2))
+        conn.send("plain text event")
+        Timer.add(0.1, lambda: conn.close(), persistent=False)
+    elif path == "/upload":
+        files = {
+            name: [{"filename": f.filename, "size": f.size, "content_type": f.content_type,
+                    "sha256": hashlib.sha256(f.read()).hexdigest(), "on_disk": f.path is not None}
+                   for f in request.files.getall(name)]
+            for name in request.files
+        }
+        conn.send(Response(json.dumps({"form": request.form.to_dict(), "files": files}), content_type="application/json"))
+    elif path == "/session":
+        return session_visit(conn, request)
+    elif path == "/logout":
+        return logout(conn, request)
+    else:
+        conn.send(Response("Not Found", 404))
+
+import hashlib
+
+async def session_visit(conn, request):
+    session = await request.session()
+    session["visits"] = session.get("visits", 0) + 1
+    await session.save()
+    conn.send(Response(json.dumps({"id": session.id, "visits": session["visits"], "new": session.is_new}), content_type="application/json"))
+
+async def logout(conn, request):
+    session = await request.session()
+    await session.destroy()
+    conn.send("bye")
+
+web.on_message = on_message
+'''
+
+
+def make_server(folder, env=None) -> tuple[App, int]:
+    app = App(folder, SERVER)
+    if env:
+        app.env.update(env)
+    app.start()
+    return app, app.port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("httpfiles")
+    (folder / "small.txt").write_text("small file\n")
+    (folder / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 123))
+    app, port = make_server(folder)
+    yield app, port, folder
+    app.cli("stop", timeout=30, check=False)
+    app.kill_everything()
+
+
+def url(port: int, path: str) -> str:
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def test_file_download_ranges_and_not_modified(server):
+    app, port, folder = server
+    data = (folder / "data.bin").read_bytes()
+    with httpx.Client() as client:
+        small = client.get(url(port, "/files/small.txt"))
+        assert small.text == "small file\n"
+        assert small.headers["content-type"] == "text/plain; charset=utf-8"
+        assert small.headers["accept-ranges"] == "bytes"
+        big = client.get(url(port, "/files/data.bin?as=report 1.bin"))
+        assert big.status_code == 200 and big.content == data
+        assert big.headers["content-disposition"] == "attachment; filename*=UTF-8''report%201.bin"
+        # the connection is still good after a streamed file
+        assert client.get(url(port, "/files/small.txt")).text == "small file\n"
+        last_modified = big.headers["last-modified"]
+        not_modified = client.get(url(port, "/files/data.bin"), headers={"If-Modified-Since": last_modified})
+        assert not_modified.status_code == 304 and not_modified.content == b""
+        older = formatdate(os.stat(folder / "data.bin").st_mtime - 3600, usegmt=True)
+        assert client.get(url(port, "/files/data.bin"), headers={"If-Modified-Since": older}).status_code == 200
+        tail = client.get(url(port, "/files/data.bin"), headers={"Range": "bytes=-100"})
+        assert tail.status_code == 206 and tail.content == data[-100:]
+        assert tail.headers["content-range"] == f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}"
+        beyond = client.get(url(port, "/files/data.bin"), headers={"Range": f"bytes={len(data) + 5}-"})
+        assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
+        head = client.head(url(port, "/files/data.bin"))
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == len(data)
+        assert client.get(url(port, "/files/missing")).status_code == 404
+        assert client.get(url(port, "/files/")).status_code == 404
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_ranges_and_upload(server, tmp_path):
+    app, port, folder = server
+    data = (folder / "data.bin").read_bytes()
+    out = tmp_path / "part"
+    result = subprocess.run(["curl", "-s", "-r", "1000-200999", "-o", str(out), "-w", "%{http_code}", url(port, "/files/data.bin")], capture_output=True, text=True, timeout=30)
+    assert result.stdout == "206"
+    assert out.read_bytes() == data[1000:201000]
+    result = subprocess.run(["curl", "-s", "-r", "3145000-", "-o", str(out), "-w", "%{http_code}", url(port, "/files/data.bin")], capture_output=True, text=True, timeout=30)
+    assert result.stdout == "206" and out.read_bytes() == data[3145000:]
+    # a multipart upload: a big file goes to a temporary file, a small one stays in memory
+    small = tmp_path / "note.txt"
+    small.write_text("hi there")
+    result = subprocess.run(
+        ["curl", "-s", "-F", f"big=@{folder / 'data.bin'};type=application/x-data", "-F", f"small=@{small}", "-F", "title=Hello wörld", url(port, "/upload")],
+        capture_output=True, text=True, timeout=30,
+    )
+    answer = json.loads(result.stdout)
+    assert answer["form"] == {"title": "Hello wörld"}
+    big = answer["files"]["big"][0]
+    assert big == {"filename": "data.bin", "size": len(data), "content_type": "application/x-data", "sha256": hashlib.sha256(data).hexdigest(), "on_disk": True}
+    assert answer["files"]["small"][0]["on_disk"] is False
+    assert answer["files"]["small"][0]["sha256"] == hashlib.sha256(b"hi there").hexdigest()
+
+
+def test_httpx_upload_and_malformed_multipart(server):
+    app, port, folder = server
+    with httpx.Client() as client:
+        answer = client.post(url(port, "/upload"), data={"a": "1"}, files={"f": ("x.bin", b"\x00" * 1000, "application/octet-stream")}).json()
+        assert answer["form"] == {"a": "1"} and answer["files"]["f"][0]["size"] == 1000
+        bad = client.post(url(port, "/upload"), content=b"no boundary", headers={"Content-Type": "multipart/form-data"})
+        assert bad.status_code == 400
+
+
+def test_chunked_response_and_server_sent_events(server):
+    app, port, folder = server
+    with httpx.Client() as client:
+        response = client.get(url(port, "/chunked"))
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert response.text == "first;part0;part1;part2;"
+        later = client.get(url(port, "/chunked-later"))
+        assert later.text == "tick1;tick2;tick3;"
+        assert client.get(url(port, "/files/small.txt")).text == "small file\n"
+        with client.stream("GET", url(port, "/sse")) as events:
+            assert events.headers["content-type"] == "text/event-stream"
+            assert events.headers["cache-control"] == "no-cache"
+            body = b"".join(events.iter_bytes())
+    assert body == (
+        b"event: greeting\nid: 1\nretry: 1500\ndata: hello\n\n"
+        b"id: 2\ndata: two\ndata: lines\n\n"
+        b"data: plain text event\n\n"
+    )
+    # HTTP/1.0 gets the chunked body unframed, ended by the close
+    sock = connect(port)
+    sock.sendall(b"GET /chunked HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and body == b"first;part0;part1;part2;"
+
+
+def test_pipelined_request_waits_behind_a_streamed_file(server):
+    app, port, folder = server
+    data = (folder / "data.bin").read_bytes()
+    sock = connect(port)
+    sock.sendall(b"GET /files/data.bin HTTP/1.1\r\n\r\nGET /chunked HTTP/1.1\r\n\r\nGET /files/small.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+    received = b""
+    sock.settimeout(10)
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    first_head, _, rest = received.partition(b"\r\n\r\n")
+    assert first_head.startswith(b"HTTP/1.1 200 OK")
+    assert rest[: len(data)] == data
+    rest = rest[len(data) :]
+    assert rest.startswith(b"HTTP/1.1 200 OK") and b"0\r\n\r\nHTTP/1.1 200 OK" in rest
+    assert rest.endswith(b"small file\n")
+
+
+def test_large_file_to_a_slow_reader_keeps_memory_bounded(tmp_path):
+    size = 64 * 1024 * 1024
+    with open(tmp_path / "large.bin", "wb") as file:
+        file.truncate(size)  # sparse: cheap to make, read as zeros
+    app, port = make_server(tmp_path)
+    try:
+        before = app.processes("web")[0]["memory"]
+        sock = connect(port, rcvbuf=64 * 1024)
+        sock.sendall(b"GET /files/large.bin HTTP/1.1\r\n\r\n")
+        received = 0
+        peak = before
+        started = time.monotonic()
+        last_check = 0.0
+        while received < size + 100:
+            chunk = sock.recv(256 * 1024)
+            if not chunk:
+                break
+            received += len(chunk)
+            if received < 16 * 1024 * 1024:
+                time.sleep(0.002)  # slow at first, while memory is watched
+            if time.monotonic() - last_check > 0.25:
+                last_check = time.monotonic()
+                peak = max(peak, app.processes("web")[0]["memory"])
+            if received >= size and time.monotonic() - started > 0:
+                break
+        assert received >= size
+        peak = max(peak, app.processes("web")[0]["memory"])
+        assert peak - before < 8 * 1024 * 1024, (before, peak)
+    finally:
+        app.cli("stop", timeout=30, check=False)
+        app.kill_everything()
+
+
+def _session_round_trip(port: int) -> None:
+    with httpx.Client() as client:
+        first = client.get(url(port, "/session"))
+        cookie = first.headers["set-cookie"]
+        assert cookie.startswith("SID=") and "HttpOnly" in cookie and "Max-Age=600" in cookie
+        assert first.json()["visits"] == 1 and first.json()["new"] is True
+        second = client.get(url(port, "/session")).json()
+        assert second == {"id": first.json()["id"], "visits": 2, "new": False}
+        assert "set-cookie" not in client.get(url(port, "/session")).headers
+        bye = client.get(url(port, "/logout"))
+        assert "Max-Age=0" in bye.headers["set-cookie"]
+        client.cookies.clear()
+        client.cookies.set("SID", first.json()["id"])
+        assert client.get(url(port, "/session")).json()["visits"] == 1
+    with httpx.Client() as other:
+        assert other.get(url(port, "/session")).json()["visits"] == 1
+
+
+def test_sessions_in_files(server):
+    app, port, folder = server
+    _session_round_trip(port)
+    assert any(name.startswith("sess_") for name in os.listdir(folder / "sessions"))
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_sessions_in_redis(tmp_path):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    redis_port = probe.getsockname()[1]
+    probe.close()
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app = None
+    try:
+        wait_for(lambda: _can_connect(redis_port), what="redis-server")
+        app, port = make_server(tmp_path, {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+        _session_round_trip(port)
+        import redis as redis_client
+
+        keys = redis_client.Redis(port=redis_port).keys("longshore:session:*")
+        assert len(keys) == 2
+    finally:
+        if app is not None:
+            app.cli("stop", timeout=30, check=False)
+            app.kill_everything()
+        redis.terminate()
+        redis.wait(10)
+
+
+def _can_connect(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
