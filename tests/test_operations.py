@@ -72,6 +72,11 @@ def test_metrics_follow_real_traffic_and_the_monitor_is_supervised(app_factory):
     status = {p["pid"]: p for p in app.status()["processes"]}
     assert set(status) == {p["pid"] for p in processes}
 
+    # Only the master (which keeps it) and the monitor hold the metrics socket, not the workers.
+    holders = _holders_of_listening_port(int(address.rsplit(":", 1)[1]))
+    monitor_pid = next(h["pid"] for h in app.status()["master"]["helpers"] if h["name"] == "monitor")
+    assert holders == {app.master_pid(), monitor_pid}
+
     samples = scrape(address)
     requests = by_pid(samples, "longshore_requests_total")
     assert requests == {pid: float(p["total_request"]) for pid, p in status.items()}
@@ -121,6 +126,27 @@ def test_metrics_follow_real_traffic_and_the_monitor_is_supervised(app_factory):
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     probe.bind((host, int(port)))
     probe.close()
+
+
+def _holders_of_listening_port(port: int) -> set[int]:
+    """Pids of the processes that have the listening TCP socket of ``port`` open."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+            inodes.add(f"socket:[{fields[9]}]")
+    assert inodes
+    holders = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = {os.readlink(fd) for fd in (entry / "fd").iterdir()}
+        except OSError:
+            continue
+        if links & inodes:
+            holders.add(int(entry.name))
+    return holders
 
 
 def _try_scrape(address):
@@ -347,6 +373,7 @@ def test_workers_run_as_another_user_and_still_log_after_rotation(app_factory):
     try:
         app = app_factory(RUN_AS_NOBODY)
         log_file = shared / "app.log"
+        log_file.write_text("left by an earlier run as root\n")
         app.env["SHARED_LOG"] = str(log_file)
         app.start()
         processes = app.wait_running(2)
@@ -354,8 +381,9 @@ def test_workers_run_as_another_user_and_still_log_after_rotation(app_factory):
             uid_line = next(line for line in Path(f"/proc/{process['pid']}/status").read_text().splitlines() if line.startswith("Uid:"))
             assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
         assert os.stat(f"/proc/{app.master_pid()}").st_uid == 0
+        assert os.stat(log_file).st_uid == nobody.pw_uid
         text = log_file.read_text()
-        assert f"runs as uid {nobody.pw_uid} gid {nobody.pw_gid}" in text
+        assert text.count(f"runs as uid {nobody.pw_uid} gid {nobody.pw_gid}") == 2
         sock = connect(app.port())
         sock.sendall(b"250\n")
         assert read_lines(sock, 1) == [str(nobody.pw_uid)]

@@ -42,8 +42,11 @@ class MasterFileHandler(logging.handlers.RotatingFileHandler):
         self.stream = self._open()
 
     def _open(self):  # type: ignore[no-untyped-def]
-        if self.owners and not os.path.exists(self.baseFilename):
-            prepare_shared_file(self.baseFilename, self.owners)
+        if self.owners:
+            if os.path.exists(self.baseFilename):  # left by an earlier run
+                share_existing_file(self.baseFilename, self.owners)
+            else:
+                prepare_shared_file(self.baseFilename, self.owners)
         return super()._open()
 
     def rotate_if_needed(self) -> bool:
@@ -109,6 +112,14 @@ def prepare_shared_file(path: str, owners: list[tuple[int, int]]) -> None:
         pass
     finally:
         os.unlink(temporary)
+
+
+def share_existing_file(path: str, owners: list[tuple[int, int]]) -> None:
+    """Give an existing ``path`` to the only user in ``owners``, or make it writable for all."""
+    if len(owners) == 1:
+        os.chown(path, *owners[0])
+    else:
+        os.chmod(path, 0o666)
 
 
 def _longshore_handlers() -> list[logging.Handler]:

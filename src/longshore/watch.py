@@ -28,6 +28,7 @@ def run_watcher(start_file: str, master_pid: int) -> int:
         setproctitle(f"longshore: watcher {os.path.dirname(start_file)}")
     except ImportError:  # pragma: no cover
         pass
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch; the watcher says what it does
     folder = os.path.dirname(start_file)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
