@@ -38,7 +38,7 @@ def collect(table: StatsTable) -> dict[str, Any]:
     now = time.time()
     if master.get("start_time"):
         master["uptime"] = round(now - master["start_time"], 1)
-    processes = []
+    processes: list[dict[str, Any]] = []
     for record in sorted(table.read_slots(), key=lambda r: (r.name, r.worker_id, r.started_at)):
         busy_for = record.busy_for if record.heartbeat > 0 else 0.0
         processes.append(
