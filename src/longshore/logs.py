@@ -18,6 +18,8 @@ creates one, so that workers can reopen it after a rotation.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import logging
 import logging.handlers
 import os
@@ -175,3 +177,18 @@ def configure_child() -> None:
                 handler.stream.close()  # this process's copy of the descriptor
                 handler.stream = None  # type: ignore[assignment]
             root.addHandler(child)
+
+
+def flush_and_exit(code: int) -> NoReturn:
+    """End a forked child: flush every log handler and stdout/stderr, then ``os._exit``."""
+    for handler in logging.getLogger().handlers + logging.getLogger("longshore").handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(code)

@@ -511,17 +511,7 @@ class Master:
             except BaseException:
                 log.exception("%s failed", helper.name)
             finally:
-                for handler in logging.getLogger().handlers:
-                    try:
-                        handler.flush()
-                    except Exception:
-                        pass
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                except Exception:
-                    pass
-            os._exit(code)
+                logs.flush_and_exit(code)
         helper.pid = pid
         helper.started = time.monotonic()
         self.header_dirty = True

@@ -27,7 +27,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
@@ -39,7 +38,7 @@ from .protocols import get_protocol
 from .protocols.base import Protocol
 from .stats import PUBLISH_INTERVAL, STATE_RUNNING, STATE_STOPPING, StatsTable, process_stats, rss_bytes
 from .timer import Timer
-from . import users
+from . import logs, users
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -189,18 +188,7 @@ def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: 
         code = _WorkerProcess(worker, worker_id, table, slot, runtime).run()
     except BaseException:
         log.exception("worker %s[%d] failed", worker.name, worker_id)
-    finally:
-        for handler in logging.getLogger().handlers + log.handlers:
-            try:
-                handler.flush()
-            except Exception:
-                pass
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:
-            pass
-    os._exit(code)
+    logs.flush_and_exit(code)
 
 
 class _WorkerProcess:
