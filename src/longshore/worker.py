@@ -380,6 +380,12 @@ class _WorkerProcess:
             except Exception:
                 report_exception("on_worker_stop")
         deadline = loop.time() + worker.stop_timeout
+        if self.graceful:
+            for connection in list(worker.connections.values()):
+                try:
+                    connection.protocol.graceful_close()
+                except Exception:
+                    report_exception("graceful_close", connection)
         while self.graceful and worker.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.graceful and worker.connections:

@@ -57,6 +57,14 @@ class Protocol:
         """How many received bytes wait for the rest of their package."""
         return 0
 
+    def graceful_close(self) -> None:
+        """The worker is stopping gracefully: end the connection once that loses nothing.
+
+        Request/response protocols close an idle connection at once and a busy one
+        after its current answer. The default does nothing: the connection ends when
+        the peer closes it (or when ``stop_timeout`` runs out).
+        """
+
 
 class RawProtocol(Protocol):
     """``tcp://``: bytes are delivered as they arrive, with no framing."""
