@@ -1,7 +1,8 @@
 """Protocols by listen-URL scheme, and the registry that maps one to the other.
 
 Built in: ``tcp`` (raw bytes), ``text`` (lines), ``frame`` (length-prefixed), ``http``
-(HTTP/1.1, :mod:`longshore.protocols.http`). A user
+(HTTP/1.1, :mod:`longshore.protocols.http`), ``websocket`` (server) and ``ws`` (client,
+:mod:`longshore.protocols.websocket`). A user
 protocol becomes available in listen URLs with :func:`register_protocol`, or is passed
 directly as ``Worker(..., protocol=MyProtocol)``.
 """
@@ -12,6 +13,7 @@ from .base import PackageProtocol, Protocol, RawProtocol
 from .frame import FrameProtocol
 from .http import HttpProtocol
 from .text import TextProtocol
+from .websocket import WebSocketClientProtocol, WebSocketProtocol
 
 _registry: dict[str, type[Protocol]] = {
     "tcp": RawProtocol,
@@ -19,6 +21,8 @@ _registry: dict[str, type[Protocol]] = {
     "text": TextProtocol,
     "frame": FrameProtocol,
     "http": HttpProtocol,
+    "websocket": WebSocketProtocol,
+    "ws": WebSocketClientProtocol,
 }
 
 
@@ -48,6 +52,8 @@ __all__ = [
     "Protocol",
     "RawProtocol",
     "TextProtocol",
+    "WebSocketClientProtocol",
+    "WebSocketProtocol",
     "get_protocol",
     "register_protocol",
 ]
