@@ -1,0 +1,242 @@
+"""WebSocket: backpressure with a client that stops reading, heartbeats, upgrade from an
+``http://`` worker, and the ``ws://`` client against the ``websockets`` library's server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from http import HTTPStatus
+
+import httpx
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+
+from conftest import is_closed, wait_for
+from test_websocket import RECORDER
+from wsutil import handshake, read_close, read_frame
+
+
+def test_a_client_that_stops_reading_is_dropped_while_another_gets_everything(app_factory):
+    messages = 800
+    app = app_factory(
+        RECORDER
+        + f"""
+w = Worker("websocket://127.0.0.1:0", name="push")
+MESSAGES = {messages}
+PAD = "x" * (16 * 1024 - 8)
+state = {{"n": 0, "started": False}}
+results.update(accepted=0, dropped=0, send_fail_errors=0)
+
+def tick():
+    conns = list(w.connections.values())
+    if len(conns) < 2 or state["n"] >= MESSAGES:
+        return
+    for _ in range(8):
+        if state["n"] >= MESSAGES:
+            break
+        message = "%08d" % state["n"] + PAD
+        for conn in conns:
+            if conn.websocket.request.path == "/slow":
+                if conn.send(message) is False:
+                    results["dropped"] += 1
+                else:
+                    results["accepted"] += 1
+            else:
+                conn.send(message)
+        state["n"] += 1
+    save()
+
+def on_error(conn, code, message):
+    if code == SEND_FAIL:
+        results["send_fail_errors"] += 1
+
+w.on_error = on_error
+w.on_worker_start = lambda worker: Timer.add(0.005, tick)
+"""
+    ).start()
+    port = app.port()
+    baseline = app.processes("push")[0]["memory"]
+    slow = handshake(port, "/slow", rcvbuf=4096)  # never reads again
+
+    async def reader():
+        received = []
+        async with ws_connect(f"ws://127.0.0.1:{port}/fast", max_size=None) as ws:
+            while len(received) < messages:
+                message = await asyncio.wait_for(ws.recv(), 20)
+                received.append(int(message[:8]))
+        return received
+
+    received = asyncio.run(reader())
+    assert received == list(range(messages))  # in order, nothing lost
+    results = app.read_json("results.json")
+    assert results["dropped"] > 0 and results["accepted"] > 0
+    assert results["accepted"] * 16 * 1024 < 4 * 1024 * 1024  # what the slow client's buffers can hold
+    process = wait_for(lambda: [p for p in app.processes("push") if p["send_fail"] >= results["dropped"]], what="send_fail")[0]
+    assert results["send_fail_errors"] >= results["dropped"]
+    assert process["memory"] - baseline < 40 * 1024 * 1024
+    slow.close()
+
+
+def test_heartbeat_pings_and_idle_timeout(app_factory):
+    app = app_factory(
+        """
+w = Worker("websocket://127.0.0.1:0", name="hb")
+w.websocket_ping_interval = 0.2
+w.websocket_idle_timeout = 1.0
+w.on_message = lambda conn, message: conn.send(message)
+"""
+    ).start()
+    port = app.port()
+    silent = handshake(port)  # reads, but never answers a ping
+    opcodes = []
+    while True:
+        _, opcode, payload = read_frame(silent)
+        opcodes.append(opcode)
+        if opcode == 8:
+            assert int.from_bytes(payload[:2], "big") == 1001
+            break
+    assert opcodes.count(9) >= 2
+    assert is_closed(silent)
+
+    async def lively():
+        async with ws_connect(f"ws://127.0.0.1:{port}", ping_interval=None) as ws:  # it only answers our pings
+            await asyncio.sleep(2.0)
+            await ws.send("still here")
+            return await ws.recv()
+
+    assert asyncio.run(lively()) == "still here"
+
+
+def test_upgrade_from_an_http_worker(app_factory):
+    app = app_factory(
+        """
+from longshore.websocket import upgrade
+
+web = Worker("http://127.0.0.1:0", name="web")
+
+def on_request(conn, request):
+    if request.path == "/ws":
+        upgrade(conn, request, on_message=lambda c, m: c.send("ws:" + m),
+                on_websocket_connected=lambda c: c.send("hi " + c.websocket.request.query.get("name", "")))
+        return
+    conn.send("page")
+
+web.on_message = on_request
+"""
+    ).start()
+    port = app.port()
+    assert httpx.get(f"http://127.0.0.1:{port}/").text == "page"
+
+    async def scenario():
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws?name=ann") as ws:
+            assert await ws.recv() == "hi ann"
+            await ws.send("a")
+            assert await ws.recv() == "ws:a"
+
+    asyncio.run(scenario())
+
+
+class LibraryServer:
+    """A ``websockets`` library server on a thread of the test process."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.extensions: list[str] = []
+        self.pongs = 0
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.main(),), daemon=True)
+        self.stop_event: asyncio.Event | None = None
+        self.port = 0
+
+    async def handler(self, ws) -> None:
+        self.paths.append(ws.request.path)
+        self.extensions.append(",".join(type(e).__name__ for e in ws.protocol.extensions))
+        try:
+            await self.serve_one(ws)
+        except ConnectionClosed:  # a close with an application code ends the loop this way
+            pass
+
+    async def serve_one(self, ws) -> None:
+        async for message in ws:
+            if message == "frag":
+                await ws.send(["fr", "ag", "ments"])
+            elif message == "ping":
+                await asyncio.wait_for(await ws.ping(b"hb"), 5)
+                self.pongs += 1
+                await ws.send("pong seen")
+            elif message == "close":
+                await ws.close(4002, "server bye")
+            else:
+                await ws.send(message)
+
+    def process_request(self, connection, request):
+        if request.path == "/refuse":
+            return connection.respond(HTTPStatus.FORBIDDEN, "no\n")
+        return None
+
+    async def main(self) -> None:
+        self.stop_event = asyncio.Event()
+        async with ws_serve(self.handler, "127.0.0.1", 0, process_request=self.process_request, max_size=None) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self.ready.set()
+            await self.stop_event.wait()
+
+    def __enter__(self) -> LibraryServer:
+        self.thread.start()
+        self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)  # type: ignore[union-attr]
+        self.thread.join(5)
+
+
+def test_our_client_against_the_websockets_library_server(app_factory):
+    with LibraryServer() as server:
+        app = app_factory(
+            RECORDER
+            + f"""
+PORT = {server.port}
+w = Worker(None, name="client")
+results.update(messages=[], events=[], errors=[])
+
+def on_connect(conn):
+    results["events"].append("connect " + (conn.websocket.subprotocol or "-"))
+    for message in ["hello", b"\\x00\\x01", "z" * 200000, "frag", "ping", "close"]:
+        conn.send(message)
+    save()
+
+def on_message(conn, message):
+    results["messages"].append(message if isinstance(message, str) and len(message) < 100 else [type(message).__name__, len(message)])
+    save()
+
+def on_close(conn):
+    results["events"].append(["close", conn.websocket.close_code, conn.websocket.close_reason])
+    save()
+
+def on_error(conn, code, message):
+    results["errors"].append([code, message])
+    save()
+
+def start(worker):
+    conn = AsyncTcpConnection(f"ws://127.0.0.1:{{PORT}}/echo?x=1")
+    conn.on_connect, conn.on_message, conn.on_close, conn.on_error = on_connect, on_message, on_close, on_error
+    conn.connect()
+    conn.send("early")  # waits for the handshake
+    refused = AsyncTcpConnection(f"ws://127.0.0.1:{{PORT}}/refuse")
+    refused.on_error = on_error
+    refused.on_connect = lambda c: results["events"].append("refused connection opened?!")
+    refused.connect()
+
+w.on_worker_start = start
+"""
+        ).start()
+        results = wait_for(lambda: (r := app.read_json("results.json")) and ["close", 4002, "server bye"] in r["events"] and r, what="the close", timeout=15)
+        assert results["messages"] == ["early", "hello", ["bytes", 2], ["str", 200000], "fragments", "pong seen"]
+        assert results["events"][0] == "connect -"
+        assert results["errors"] and results["errors"][0][0] == 1 and "403" in results["errors"][0][1]
+        assert server.paths[0] == "/echo?x=1"
+        assert server.extensions[0] == "PerMessageDeflate"
+        assert server.pongs == 1
