@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import child_env, pin, rss_bytes  # noqa: E402
+from benchlib import child_env, cpu_seconds, pin, rss_bytes  # noqa: E402
 
 BODY = "Hello, World!"
 
@@ -152,16 +152,20 @@ class Subprocess:
             self.process.kill()
 
 
-def run_wrk(port: int, duration: float, connections: int) -> float:
+def run_wrk(port: int, duration: float, connections: int, pid: int) -> tuple[float, float]:
+    """(requests/s, requests per second of server CPU time)."""
     url = f"http://127.0.0.1:{port}/"
     subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", "-d1s", url], capture_output=True, timeout=30)  # warm-up
+    cpu_before = cpu_seconds(pid)
     result = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", url], capture_output=True, text=True, timeout=duration + 30)
     match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
     if not match or "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
         print(result.stdout, file=sys.stderr)
     if not match:
         raise RuntimeError("wrk printed no Requests/sec")
-    return float(match.group(1))
+    cpu = cpu_seconds(pid) - cpu_before
+    done = int(re.search(r"(\d+) requests in", result.stdout).group(1))
+    return float(match.group(1)), done / cpu if cpu > 0 else 0.0
 
 
 def throughput(args: argparse.Namespace) -> int:
@@ -174,6 +178,7 @@ def throughput(args: argparse.Namespace) -> int:
     with open(os.path.join(folder, "asgi_app.py"), "w") as file:
         file.write(ASGI)
     results: dict[str, list[float]] = {"longshore": [], "bare": [], "uvicorn": []}
+    per_cpu: dict[str, list[float]] = {name: [] for name in results}
     for run in range(args.runs):
         for name in results:
             if name == "longshore":
@@ -185,18 +190,19 @@ def throughput(args: argparse.Namespace) -> int:
                 port = free_port()
                 argv = [sys.executable, "-m", "uvicorn", "asgi_app:app", "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning", "--port", str(port)]
                 server = Subprocess("uvicorn", argv, port, folder)
-            server.start()
+            pid = server.start()
             try:
-                rate = run_wrk(server.port, args.duration, args.connections)
+                rate, rate_per_cpu = run_wrk(server.port, args.duration, args.connections, pid)
             finally:
                 server.stop()
             results[name].append(rate)
-            print(f"run {run + 1} {name:10s} {rate:12,.0f} req/s", flush=True)
+            per_cpu[name].append(rate_per_cpu)
+            print(f"run {run + 1} {name:10s} {rate:12,.0f} req/s {rate_per_cpu:12,.0f} req per server CPU-second", flush=True)
     medians = {name: statistics.median(values) for name, values in results.items()}
     print()
     print(f"wrk -t1 -c{args.connections} -d{args.duration:g}s, servers on CPU 0, wrk on CPU 1; medians of {args.runs} runs")
     for name, value in medians.items():
-        print(f"  {name:10s} {value:12,.0f} req/s")
+        print(f"  {name:10s} {value:12,.0f} req/s {statistics.median(per_cpu[name]):12,.0f} req/CPU-s")
     to_bare = medians["longshore"] / medians["bare"]
     to_uvicorn = medians["longshore"] / medians["uvicorn"]
     print(f"  longshore / bare    = {to_bare:.2f}  (target >= 0.75)")

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -419,6 +420,22 @@ def test_total_request_counts_each_request(server):
         for _ in range(5):
             client.get(base(port) + "/")
     wait_for(lambda: counters(app)["total_request"] == before + 15, what="15 requests counted")
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_keep_alive_under_load(server):
+    app, port = server
+    time.sleep(0.5)
+    before = counters(app)
+    result = subprocess.run(["wrk", "-t1", "-c20", "-d1s", base(port) + "/"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "Socket errors" not in result.stdout and "Non-2xx" not in result.stdout, result.stdout
+    done = int(re.search(r"(\d+) requests in", result.stdout).group(1))
+    assert done > 1000
+    # wrk counts answered requests; a few more may have been sent when it stopped
+    wait_for(lambda: done <= counters(app)["total_request"] - before["total_request"] <= done + 20, what="wrk's requests counted")
+    after = counters(app)
+    assert after["protocol_error"] == before["protocol_error"] and after["pid"] == before["pid"]
 
 
 def test_random_bytes_never_crash_the_worker(server):

@@ -304,3 +304,31 @@ def _can_connect(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_graceful_stop_closes_idle_keep_alive_connections_and_finishes_answers(tmp_path):
+    (tmp_path / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    app, port = make_server(tmp_path)
+    try:
+        idle = connect(port)
+        idle.sendall(b"GET /files/missing HTTP/1.1\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 404")
+        busy = connect(port, rcvbuf=64 * 1024)
+        busy.sendall(b"GET /files/big.bin HTTP/1.1\r\n\r\n")
+        first = busy.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 OK")
+        started = time.monotonic()
+        stopper = subprocess.Popen([__import__("sys").executable, str(app.script), "stop", "-g"], cwd=app.folder, env=app.env)
+        idle.settimeout(5)
+        assert idle.recv(100) == b""  # closed at once
+        received = first
+        busy.settimeout(10)
+        while chunk := busy.recv(1 << 20):
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"Connection: close" not in head  # the head went out before the stop
+        assert body == (tmp_path / "big.bin").read_bytes()
+        assert stopper.wait(20) == 0
+        assert time.monotonic() - started < 8
+    finally:
+        app.kill_everything()

@@ -103,7 +103,10 @@ def _tick() -> None:
 
 def _start_tick() -> None:
     global _tick_handle
-    _tick_handle = asyncio.get_running_loop().call_later(1.0, _tick)
+    try:
+        _tick_handle = asyncio.get_running_loop().call_later(1.0, _tick)
+    except RuntimeError:  # no loop yet: the next connection made in a running loop starts it
+        pass
 
 
 def _content_length(size: int) -> bytes:
@@ -151,6 +154,7 @@ class HttpProtocol(Protocol):
         "_paused",
         "_stream_close_after",
         "_deferred_error",
+        "_graceful",
     )
 
     def __init__(self, connection: Any) -> None:
@@ -176,6 +180,7 @@ class HttpProtocol(Protocol):
         self._paused = False
         self._stream_close_after = False
         self._deferred_error: ProtocolError | None = None
+        self._graceful = False
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
@@ -333,6 +338,8 @@ class HttpProtocol(Protocol):
 
             request._form = MultiDict(multipart.fields)
             request._files = MultiDict(multipart.files)
+        if self._graceful:
+            request.keep_alive = False
         self._out.append(request)
         self._pending.append(request)
         if not request.keep_alive:
@@ -558,6 +565,27 @@ class HttpProtocol(Protocol):
         stream = self._stream
         if stream is not None and stream.__class__ is _FilePump and not stream.scheduled:
             stream.run()
+
+    def graceful_close(self) -> None:
+        """The worker stops gracefully: close now if idle, else after the answer due."""
+        self._graceful = True
+        connection = self.connection
+        stream = self._stream
+        if stream is _STREAM_EVENTS:
+            connection.close()  # an event stream has no end to wait for
+            return
+        if self._pending:
+            self._pending[-1].keep_alive = False
+            self._closing = True
+        elif stream is not None:
+            if stream.__class__ is _FilePump:
+                stream.close_after = True
+            else:
+                self._stream_close_after = True
+            self._closing = True
+        elif not self._in_headers:
+            self._closing = True
+            connection.close()
 
     def connection_closed(self) -> None:
         """The connection is closed: release what a response in progress holds."""
