@@ -324,3 +324,54 @@ w.on_message = lambda conn, line: conn.send(line)
     sock = connect(app.port())
     sock.sendall(b"back\n")
     assert read_lines(sock, 1) == ["back"]
+
+
+def test_graceful_reload_under_http_load_fails_no_request(app_factory):
+    import httpx
+
+    app = app_factory(
+        """
+from longshore.http import Response
+
+w = Worker("http://127.0.0.1:0", name="web", count=2)
+w.on_message = lambda conn, request: conn.send(Response(f"{os.getpid()} {request.path}"))
+"""
+    ).start()
+    before = {p["pid"] for p in app.wait_running(2)}
+    url = f"http://127.0.0.1:{app.port()}"
+    failures: list[str] = []
+    answered = 0
+    answering_pids: set[int] = set()
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal answered
+        # A new connection per request: every request meets the listening socket.
+        with httpx.Client(headers={"Connection": "close"}, timeout=10) as client:
+            index = 0
+            while not stop.is_set():
+                index += 1
+                try:
+                    response = client.get(f"{url}/r{index}")
+                    pid, path = response.text.split(" ")
+                    if response.status_code != 200 or path != f"/r{index}":
+                        failures.append(f"{response.status_code} {response.text}")
+                    answering_pids.add(int(pid))
+                    answered += 1
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    app.cli("reload", "-g", timeout=60)
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=20)
+    after = {p["pid"] for p in app.wait_running(2)}
+    assert not before & after
+    assert failures == []
+    assert answered > 100
+    assert answering_pids & before and answering_pids & after  # served by old, then new workers
