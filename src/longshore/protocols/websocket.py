@@ -399,6 +399,19 @@ class WebSocketProtocol(Protocol):
         state = self._state
         if state == _OPEN:
             buffer = self._buffer
+            size = len(data)
+            if buffer is None and 6 < size < 132 and self._fragments is None and not self.client:
+                # The common case: one whole small masked data frame in the chunk.
+                first = data[0]
+                if (first == 0x81 or first == 0x82) and data[1] == 0x7A + size:  # mask bit | size - 6
+                    length = size - 6
+                    payload = (int.from_bytes(data[6:], "little") ^ int.from_bytes((data[2:6] * 32)[:length], "little")).to_bytes(length, "little")
+                    if first == 0x82:
+                        return [payload]
+                    try:
+                        return [payload.decode()]
+                    except UnicodeDecodeError:
+                        pass  # the general path below reports it
             if buffer:
                 buffer += data
                 data = buffer  # type: ignore[assignment]
