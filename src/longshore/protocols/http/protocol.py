@@ -583,6 +583,8 @@ class HttpProtocol(Protocol):
             else:
                 self._stream_close_after = True
             self._closing = True
+        elif connection.bytes_written == 0:
+            pass  # accepted just before the listener closed: its first request is on its way
         elif not self._in_headers:
             self._closing = True
             connection.close()
