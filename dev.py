@@ -44,7 +44,7 @@ def main() -> int:
     if command == "demo":
         ensure_environment("")
         script = os.path.join(ROOT, "examples", "chat", "start.py")
-        print("chat demo: connect with `nc 127.0.0.1 2345` (several terminals), Ctrl+C stops it", flush=True)
+        print("chat demo: open http://127.0.0.1:2345/ in a few browser tabs, Ctrl+C stops it", flush=True)
         return subprocess.call([PYTHON, script, "start", *rest])
     if command == "test":
         ensure_environment("test")

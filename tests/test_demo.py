@@ -1,7 +1,8 @@
-"""The README's demo: the chat server, started the way a user starts it."""
+"""The README's demo: the chat server and its page, started the way a user starts it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -9,33 +10,57 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import connect, read_lines
+import httpx
+from websockets.asyncio.client import connect as ws_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_chat_demo_broadcasts_between_clients(tmp_path):
+def start_demo(tmp_path: Path, **extra: str):
+    """Copy the demo, start it with free ports; return (cli, page port, chat port)."""
     script = tmp_path / "start.py"
     shutil.copy(ROOT / "examples" / "chat" / "start.py", script)
-    env = {**os.environ, "CHAT_PORT": "0"}
+    env = {**os.environ, "CHAT_PORT": "0", "CHAT_WS_PORT": "0", **extra}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=60, check=True)
 
     cli("start", "-d")
+    listens = {w["name"]: int(w["listen"].rsplit(":", 1)[1]) for w in json.loads(cli("status", "--json").stdout)["workers"]}
+    return cli, listens["web"], listens["chat"]
+
+
+def test_chat_demo_broadcasts_between_clients(tmp_path):
+    cli, web_port, chat_port = start_demo(tmp_path, CHAT_PUSH_INTERVAL="0.3")
     try:
-        port = int(json.loads(cli("status", "--json").stdout)["workers"][0]["listen"].rsplit(":", 1)[1])
-        alice = connect(port)
-        assert read_lines(alice, 1)[0].startswith("welcome, guest")
-        bob = connect(port)
-        assert read_lines(bob, 1)[0].startswith("welcome, guest")
-        assert "joined" in read_lines(alice, 1)[0]
-        alice.sendall(b"/nick alice\n")
-        assert read_lines(bob, 1) == [read_lines(alice, 1)[0]]
-        alice.sendall(b"hello bob\n")
-        assert read_lines(bob, 1) == ["<alice> hello bob"]
-        bob.sendall(b"/quit\n")
-        assert read_lines(bob, 1) == ["bye"]
-        assert read_lines(alice, 2)[1].endswith("left")
+        page = httpx.get(f"http://127.0.0.1:{web_port}/")
+        assert page.status_code == 200 and f":{chat_port}/" in page.text and "new WebSocket" in page.text
+        assert httpx.get(f"http://127.0.0.1:{web_port}/favicon.ico").status_code == 404
+
+        async def scenario():
+            url = f"ws://127.0.0.1:{chat_port}/"
+            async with ws_connect(url) as alice, ws_connect(url) as bob:
+
+                async def next_line(ws, prefix=""):
+                    while True:
+                        line = await asyncio.wait_for(ws.recv(), 5)
+                        if not line.startswith("* server time") and line.startswith(prefix):
+                            return line
+
+                assert (await next_line(alice)).startswith("welcome, guest")
+                assert (await next_line(bob)).startswith("welcome, guest")
+                assert "joined" in await next_line(alice)
+                await alice.send("/nick alice")
+                assert "is now alice" in await next_line(bob)
+                await alice.send("hello bob")
+                assert await next_line(bob, "<") == "<alice> hello bob"
+                assert (await asyncio.wait_for(alice.recv(), 5)) is not None
+                while not (await asyncio.wait_for(bob.recv(), 5)).startswith("* server time"):
+                    pass  # the push arrives
+                await bob.send("/quit")
+                assert await next_line(bob) == "bye"
+                assert (await next_line(alice, "* guest")).endswith("left")
+
+        asyncio.run(scenario())
     finally:
         cli("stop")
