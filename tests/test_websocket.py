@@ -4,6 +4,7 @@ against a real ``websocket://`` worker."""
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 
 import pytest
@@ -234,3 +235,48 @@ def test_compressed_input_is_inflated(app_factory):
     assert opcode == 1 and first & 0x40  # echoed compressed
     assert zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff") == "compress me ".encode() * 50
     sock.close()
+
+
+def test_a_silent_connection_gets_408_after_the_handshake_timeout(app_factory):
+    app = app_factory(
+        """
+w = Worker("websocket://127.0.0.1:0", name="ws")
+w.websocket_handshake_timeout = 0.5
+w.on_message = lambda conn, message: conn.send(message)
+"""
+    ).start()
+    port = app.port()
+    sock = connect(port)
+    sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+    started = time.monotonic()
+    answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert is_closed(sock)
+    assert 0.4 < time.monotonic() - started < 3
+    # A connection that completes its handshake is not affected.
+    ok = handshake(port)
+    time.sleep(1.0)
+    ok.sendall(frame(1, b"still"))
+    assert read_frame(ok)[2] == b"still"
+
+
+def test_one_broadcast_message_is_framed_once_and_reaches_everyone(app_factory):
+    app = app_factory(
+        """
+w = Worker("websocket://127.0.0.1:0", name="ws")
+
+def on_message(conn, message):
+    big = message * 1000
+    for other in list(w.connections.values()):
+        other.send(big)
+
+w.on_message = on_message
+"""
+    ).start()
+    port = app.port()
+    deflate = "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    plain, compressed = handshake(port), handshake(port, extra=deflate)
+    plain.sendall(frame(1, b"ab"))
+    assert read_frame(plain)[2] == b"ab" * 1000
+    first, _, payload = read_frame(compressed)
+    assert first & 0x40 and zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff") == b"ab" * 1000

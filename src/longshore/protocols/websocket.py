@@ -293,6 +293,15 @@ def _watch(protocol: WebSocketProtocol) -> None:
         _tick_handle = asyncio.get_running_loop().call_later(interval, _tick)
 
 
+def _watch_handshake(protocol: WebSocketProtocol) -> None:
+    global _tick_handle
+    loop = asyncio.get_running_loop()
+    protocol._idle_since = time.monotonic()
+    _watched[protocol] = None
+    if _tick_handle is None:
+        _tick_handle = loop.call_later(_tick_interval, _tick)
+
+
 def _tick() -> None:
     global _tick_handle
     now = time.monotonic()
@@ -305,13 +314,18 @@ def _tick() -> None:
 
 
 # -- the protocol ------------------------------------------------------------------------------
+#: (message, deflate window, frame) of the last large message a server encoded.
+_last_encoded: tuple[Any, int, bytes] = (None, -1, b"")
+
+
 class WebSocketProtocol(Protocol):
     """Server side of a WebSocket connection; see the module docstring.
 
     Settings (class attributes; a worker attribute ``websocket_<name>`` overrides one for
     that worker): ``max_header_size`` (16 KiB handshake), ``ping_interval`` (25 s),
     ``idle_timeout`` (60 s), ``subprotocols`` (none), ``compression`` (True),
-    ``compress_min_size`` (128 bytes).
+    ``compress_min_size`` (128 bytes), ``handshake_timeout`` (10 s: a connection that has
+    not completed its handshake by then gets a 408 and is closed).
     """
 
     scheme = "websocket"
@@ -323,6 +337,7 @@ class WebSocketProtocol(Protocol):
     subprotocols: ClassVar[tuple[str, ...]] = ()
     compression: ClassVar[bool] = True
     compress_min_size: ClassVar[int] = 128
+    handshake_timeout: ClassVar[float] = 10.0
 
     __slots__ = (
         "_state",
@@ -369,10 +384,15 @@ class WebSocketProtocol(Protocol):
         self.close_code: int | None = None
         self.close_reason = ""
         self._adopt(connection)
+        if not self.client:
+            try:
+                _watch_handshake(self)
+            except RuntimeError:  # no running loop: built outside a worker
+                pass
 
     def _adopt(self, connection: Any) -> None:
-        if isinstance(connection, TcpConnection) and type(connection) is TcpConnection:
-            connection.__class__ = WebSocketConnection
+        if isinstance(connection, TcpConnection) and not isinstance(connection, WebSocketMethods):
+            connection.__class__ = websocket_class(type(connection))
 
     @property
     def compressed(self) -> bool:
@@ -536,7 +556,7 @@ class WebSocketProtocol(Protocol):
         if not self._close_sent:
             self._close_sent = True
             self._write(encode_frame(OP_CLOSE, close_payload(code), mask=self.client))
-        TcpConnection.close(connection)
+        _close_socket(connection)
 
     def _fail(self, failure: _Fail, out: list[Any]) -> list[Any]:
         self._state = _CLOSED
@@ -572,7 +592,18 @@ class WebSocketProtocol(Protocol):
         size = len(payload)
         if size < 126 and not self.client and (not self._deflate_window or size < self.compress_min_size):
             return headers[size] + payload
-        return self._frame(opcode, payload)
+        if self.client or type(message) is bytearray:
+            return self._frame(opcode, payload)
+        # One message sent to many connections (a broadcast) is framed, and compressed,
+        # once: the last frame is kept with the message object it was made from.
+        global _last_encoded
+        window = self._deflate_window if size >= self.compress_min_size else 0
+        last = _last_encoded
+        if last[0] is message and last[1] == window:
+            return last[2]
+        frame = self._frame(opcode, payload)
+        _last_encoded = (message, window, frame)
+        return frame
 
     def _frame(self, first: int, payload: bytes) -> bytes:
         window = self._deflate_window
@@ -612,7 +643,14 @@ class WebSocketProtocol(Protocol):
     # -- heartbeats ----------------------------------------------------------------------------
     def _heartbeat(self, now: float) -> None:
         connection = self.connection
-        if self._state != _OPEN or connection.closed:
+        state = self._state
+        if state != _OPEN or connection.closed:
+            if (state == _HANDSHAKE or state == _DECIDING) and not connection.closed:
+                if now - self._idle_since >= self._setting("handshake_timeout"):
+                    _watched.pop(self, None)
+                    self._state = _CLOSED
+                    connection._protocol_error(ProtocolError("handshake not completed in time", response=_error_response(408)))
+                return
             _watched.pop(self, None)
             return
         read = connection.bytes_read
@@ -633,6 +671,8 @@ class WebSocketProtocol(Protocol):
             self._idle_since = self._last_ping = time.monotonic()
             self._seen_read = self.connection.bytes_read
             _watch(self)
+        else:
+            _watched.pop(self, None)
 
     # -- server handshake ------------------------------------------------------------------------
     def _feed_handshake(self, data: bytes) -> list[Any]:
@@ -742,7 +782,7 @@ class WebSocketProtocol(Protocol):
             response = _error_response(decision)
             connection.transport.write(response)
             connection.bytes_written += len(response)
-            TcpConnection.close(connection)
+            _close_socket(connection)
             return False
         if isinstance(decision, str):
             self.subprotocol = decision
@@ -792,14 +832,12 @@ def _frame_bytes(first: int, payload: bytes, mask: bool) -> bytes:
     return header + payload
 
 
-class WebSocketConnection(TcpConnection):
-    """An accepted connection speaking WebSocket: adds :meth:`ping` and a close handshake.
-
-    Connections of a ``websocket://`` worker (or upgraded by :func:`upgrade`) are of this
-    class; everything else is :class:`~longshore.TcpConnection`'s.
-    """
+class WebSocketMethods:
+    """What a connection speaking WebSocket adds: :meth:`ping`, a close handshake, ``websocket``."""
 
     __slots__ = ()
+    _protocol: Any
+    _state: Any
 
     @property
     def websocket(self) -> WebSocketProtocol:
@@ -813,11 +851,69 @@ class WebSocketConnection(TcpConnection):
     def close(self, data: Any = None, raw: bool = False, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Send ``data`` (if given), then a close frame with ``code`` and ``reason``, then close."""
         if data is not None and self._state is ESTABLISHED:
-            self.send(data, raw)
+            self.send(data, raw)  # type: ignore[attr-defined]
         protocol = self._protocol
         if isinstance(protocol, WebSocketProtocol):
             protocol.close(code, reason)
-        TcpConnection.close(self)
+        super().close()  # type: ignore[misc]
+
+
+class WebSocketConnection(WebSocketMethods, TcpConnection):
+    """An accepted connection speaking WebSocket: adds :meth:`ping` and a close handshake.
+
+    Connections of a ``websocket://`` worker (or upgraded by :func:`upgrade`) are of this
+    class (or of a class built the same way on another connection class, e.g. TLS);
+    everything else is :class:`~longshore.TcpConnection`'s.
+    """
+
+    __slots__ = ()
+
+
+class _ClientMethods:
+    """An outgoing WebSocket connection: ``on_connect`` follows the handshake."""
+
+    __slots__ = ()
+    _handlers: Any
+    _protocol: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        handlers = self._handlers
+        on_connect, handlers.on_connect = handlers.on_connect, None
+        try:
+            transport.write(self._protocol.handshake_request())  # type: ignore[attr-defined]
+            super().connection_made(transport)  # type: ignore[misc]
+        finally:
+            handlers.on_connect = on_connect
+
+
+def _close_socket(connection: Any) -> None:
+    """Close without another close frame (one was sent, or the handshake failed)."""
+    if isinstance(connection, WebSocketMethods):
+        super(WebSocketMethods, connection).close()  # type: ignore[misc]
+    else:
+        connection.close()
+
+
+_classes: dict[tuple[type, bool], type] = {TcpConnection: WebSocketConnection}  # type: ignore[dict-item]
+
+
+def websocket_class(base: type, client: bool = False) -> type:
+    """The class a connection of class ``base`` takes when it starts speaking WebSocket.
+
+    Built once per class: ``base`` with :class:`WebSocketMethods` in front (and the
+    client's handshake for outgoing connections). The instance layout stays the same,
+    which is what lets a connection change class in place.
+    """
+    key = (base, client)
+    cls = _classes.get(key)  # type: ignore[call-overload]
+    if cls is None:
+        if base is TcpConnection and not client:
+            cls = WebSocketConnection
+        else:
+            mixins = (_ClientMethods, WebSocketMethods) if client else (WebSocketMethods,)
+            cls = type(f"WebSocket{base.__name__}", (*mixins, base), {"__slots__": (), "__doc__": base.__doc__, "__module__": __name__})
+        _classes[key] = cls  # type: ignore[index]
+    return cls
 
 
 # -- upgrade from http:// ---------------------------------------------------------------------
@@ -847,8 +943,6 @@ def upgrade(
     ``on_websocket_connected`` apply unless given.
     """
     protocol = WebSocketProtocol(connection)
-    if type(connection) is TcpConnection:
-        connection.__class__ = WebSocketConnection
     if on_message is not None:
         connection.on_message = on_message
     if on_close is not None:
@@ -892,9 +986,8 @@ class WebSocketClientProtocol(WebSocketProtocol):
             self._held = previous._held  # frames sent between the constructor and connect()
 
     def _adopt(self, connection: Any) -> None:
-        cls = _client_connection_class()
-        if isinstance(connection, cls.__mro__[1]) and type(connection) is not cls:
-            connection.__class__ = cls
+        if isinstance(connection, TcpConnection) and not isinstance(connection, WebSocketMethods):
+            connection.__class__ = websocket_class(type(connection), client=True)
 
     def _setting(self, name: str) -> Any:
         return getattr(self.connection, "websocket_" + name, getattr(type(self), name))
@@ -979,45 +1072,14 @@ class WebSocketClientProtocol(WebSocketProtocol):
         connection = self.connection
         _stats.connect_fail += 1
         connection._emit_error(CONNECT_FAIL, f"websocket handshake with {connection.remote_url} failed: {message}")
-        TcpConnection.close(connection)
+        _close_socket(connection)
         return _EMPTY
-
-
-_client_class: type | None = None
-
-
-def _client_connection_class() -> type:
-    """The connection class of ``ws://`` clients (built on first use: import order)."""
-    global _client_class
-    if _client_class is not None:
-        return _client_class
-    from ..connection.async_tcp import AsyncTcpConnection
-
-    class WebSocketClientConnection(AsyncTcpConnection):
-        """An outgoing WebSocket connection: ``on_connect`` follows the handshake."""
-
-        __slots__ = ()
-
-        websocket = WebSocketConnection.websocket
-        ping = WebSocketConnection.ping
-        close = WebSocketConnection.close
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-            handlers = self._handlers
-            on_connect, handlers.on_connect = handlers.on_connect, None
-            try:
-                transport.write(self._protocol.handshake_request())  # type: ignore[attr-defined]
-                super().connection_made(transport)
-            finally:
-                handlers.on_connect = on_connect
-
-    _client_class = WebSocketClientConnection
-    return WebSocketClientConnection
 
 
 __all__ = [
     "WebSocketClientProtocol",
     "WebSocketConnection",
+    "WebSocketMethods",
     "WebSocketProtocol",
     "accept_key",
     "apply_mask",
@@ -1025,4 +1087,5 @@ __all__ = [
     "encode_frame",
     "negotiate_deflate",
     "upgrade",
+    "websocket_class",
 ]
