@@ -22,6 +22,7 @@ metric                                   type        ``status`` column
 ``longshore_protocol_errors_total``      counter     protocol_error
 ``longshore_package_too_large_total``    counter     package_too_large
 ``longshore_connect_fail_total``         counter     connect_fail
+``longshore_tls_errors_total``           counter     tls_error
 ``longshore_bytes_read_total``           counter     bytes_read
 ``longshore_bytes_written_total``        counter     bytes_written
 ``longshore_worker_exits_total``         counter     exits (labels ``worker``, ``status``)
@@ -63,6 +64,7 @@ COUNTERS = (
     ("longshore_protocol_errors", "protocol_error", "Connections closed for invalid input."),
     ("longshore_package_too_large", "package_too_large", "Connections closed for a package over max_package_size."),
     ("longshore_connect_fail", "connect_fail", "Outgoing connections that failed."),
+    ("longshore_tls_errors", "tls_error", "TLS handshakes that failed (plain-text clients included)."),
     ("longshore_bytes_read", "bytes_read", "Bytes received."),
     ("longshore_bytes_written", "bytes_written", "Bytes written to sockets."),
 )

@@ -62,6 +62,7 @@ class ProcessStats:
         "connect_fail",
         "protocol_error",
         "package_too_large",
+        "tls_error",
     )
 
     def __init__(self) -> None:
@@ -78,6 +79,7 @@ class ProcessStats:
         self.connect_fail = 0
         self.protocol_error = 0
         self.package_too_large = 0
+        self.tls_error = 0
 
 
 process_stats = ProcessStats()
@@ -116,6 +118,7 @@ class SlotRecord:
     protocol_error: int
     package_too_large: int
     connect_fail: int
+    tls_error: int
     name: str
     listen: str
 
@@ -247,7 +250,6 @@ class StatsTable:
                 continue
             fields = dict(zip(_FIELDS, values))
             fields.pop("seq")
-            fields.pop("_reserved")
             fields["name"] = fields["name"].rstrip(b"\0").decode(errors="replace")
             fields["listen"] = fields["listen"].rstrip(b"\0").decode(errors="replace")
             records.append(SlotRecord(slot=slot, **fields))
@@ -275,7 +277,7 @@ _FIELDS = (
     "protocol_error",
     "package_too_large",
     "connect_fail",
-    "_reserved",
+    "tls_error",
     "name",
     "listen",
 )

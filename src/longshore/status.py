@@ -60,6 +60,7 @@ def collect(table: StatsTable) -> dict[str, Any]:
                 "protocol_error": record.protocol_error,
                 "package_too_large": record.package_too_large,
                 "connect_fail": record.connect_fail,
+                "tls_error": record.tls_error,
                 "send_buffer_bytes": record.send_buffer_bytes,
                 "bytes_read": record.bytes_read,
                 "bytes_written": record.bytes_written,
@@ -68,7 +69,7 @@ def collect(table: StatsTable) -> dict[str, Any]:
             }
         )
     summary: dict[str, Any] = {"processes": len(processes)}
-    for key in ("connections", "send_fail", "timers", "total_request", "throw_exception", "memory", "send_buffer_bytes"):
+    for key in ("connections", "send_fail", "timers", "total_request", "throw_exception", "memory", "send_buffer_bytes", "tls_error"):
         summary[key] = sum(process[key] for process in processes)
     summary["qps"] = round(sum(process["qps"] for process in processes), 1)
     summary["busy"] = sum(1 for process in processes if process["status"] == "busy")
@@ -130,6 +131,7 @@ def render_status(document: dict[str, Any]) -> Group:
         ("total_request", "total_request", str(summary["total_request"])),
         ("qps", "qps", f"{summary['qps']:.0f}"),
         ("throw_exception", "exceptions", str(summary["throw_exception"])),
+        *([("tls_error", "tls_errors", str(summary["tls_error"]))] if summary.get("tls_error") else []),
         ("status", "status", f"{summary['busy']} busy" if summary["busy"] else "idle"),
     ]
     for key, heading, footer in columns:
@@ -153,6 +155,7 @@ def render_status(document: dict[str, Any]) -> Group:
             str(process["total_request"]),
             f"{process['qps']:.0f}",
             str(process["throw_exception"]),
+            *([str(process.get("tls_error", 0))] if summary.get("tls_error") else []),
             status,
         )
     parts: list[Any] = [title, table]

@@ -32,6 +32,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
 
 from .connection.tcp import Handlers, TcpConnection, report_exception
+from .connection.tls import TlsAcceptor, abort_handshakes, server_context
 from .listen import ListenAddress, bind_socket, parse_listen
 from .loop import new_event_loop
 from .protocols import get_protocol
@@ -48,6 +49,9 @@ log = logging.getLogger("longshore")
 #: Exit code of a worker whose ``on_worker_start`` raised: the master backs off.
 EXIT_BOOT_ERROR = 3
 
+#: Listen schemes that mean a protocol over TLS.
+_TLS_SCHEMES = {"https": "http", "wss": "websocket"}
+
 _SIGNAL_ACTIONS = {
     signal.SIGTERM: ("stop", False),
     signal.SIGINT: ("stop", False),
@@ -62,7 +66,10 @@ class Worker:
 
     ``listen`` is a URL (``text://0.0.0.0:2345``, ``frame://``, ``tcp://``,
     ``unix:///path``, or a registered protocol's scheme) or None for a worker that only
-    runs timers. Callbacks are assigned as attributes::
+    runs timers. ``ssl`` (an :class:`ssl.SSLContext`, or a dict with ``certfile`` and
+    ``keyfile``: :func:`longshore.connection.tls.server_context`) serves the protocol over
+    TLS; ``transport="ssl"`` says the same, and ``https://`` / ``wss://`` listen URLs are
+    ``http://`` / ``websocket://`` with TLS. Callbacks are assigned as attributes::
 
         worker = Worker("text://0.0.0.0:2345", count=4, name="chat")
         worker.on_message = lambda conn, line: conn.send(line)
@@ -107,15 +114,29 @@ class Worker:
         unix_mode: int = 0o666,
         user: str | int | None = None,
         group: str | int | None = None,
+        ssl: Any = None,
+        transport: str | None = None,
+        ssl_handshake_timeout: float = 10.0,
     ) -> None:
         if count < 1:
             raise ValueError("a Worker needs count >= 1")
         self.listen = listen
         self.address: ListenAddress | None = parse_listen(listen) if listen else None
+        tls_scheme = self.address is not None and self.address.scheme in _TLS_SCHEMES
+        if transport not in (None, "tcp", "ssl", "tls"):
+            raise ValueError(f"transport={transport!r}: use 'ssl' for TLS (udp and unix come from the listen URL)")
+        if (transport in ("ssl", "tls") or tls_scheme) and ssl is None:
+            raise ValueError("a TLS worker needs ssl=ssl_context or ssl={'certfile': ..., 'keyfile': ...}")
+        if ssl is not None and self.address is not None and self.address.transport == "udp":
+            raise ValueError("TLS is for stream listeners, not udp://")
+        #: The TLS option (an SSLContext or a dict of certificate paths), or None.
+        self.ssl = ssl
+        self.transport = "ssl" if ssl is not None else "tcp"
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         if isinstance(protocol, str):
             protocol = get_protocol(protocol)
         elif protocol is None and self.address is not None:
-            protocol = get_protocol(self.address.scheme)
+            protocol = get_protocol(_TLS_SCHEMES.get(self.address.scheme, self.address.scheme))
         self.protocol: type[Protocol] | None = protocol
         self.count = count
         self.name = name or "none"
@@ -168,6 +189,17 @@ class Worker:
         )
         if self.address.transport != "unix":
             self.bound_listen = self.address.display(self._socket.getsockname()[1])
+        else:
+            self._give_unix_socket_to_user()
+        if self.ssl is not None:
+            server_context(self.ssl)  # a missing or wrong certificate stops `start` here
+
+    def _give_unix_socket_to_user(self) -> None:
+        """A Unix socket file belongs to the user the workers run as."""
+        identity = users.resolve(self.user, self.group)
+        if identity is not None and users.needs_switch(identity) and users.can_switch():
+            assert self.address is not None
+            os.chown(self.address.path, identity.uid, identity.gid)
 
     def unbind(self) -> None:
         """Master: close the listening socket (and remove a Unix socket file)."""
@@ -212,6 +244,7 @@ class _WorkerProcess:
         self.cached_bytes = (0, 0)
         self.connections_fd: int | None = None
         self.own_socket: socket.socket | None = None
+        self.ssl_context: Any = None
 
     def run(self) -> int:
         worker = self.worker
@@ -233,6 +266,8 @@ class _WorkerProcess:
             setproctitle(f"longshore: worker {worker.name} {worker.bound_listen or '(no listener)'}".rstrip())
         except ImportError:  # pragma: no cover
             pass
+        if worker.ssl is not None:  # read the key while still allowed to; a reload rereads it
+            self.ssl_context = server_context(worker.ssl)
         identity = users.resolve(worker.user, worker.group) if users.can_switch() else None
         if identity is not None and users.needs_switch(identity):
             self.prepare_user_switch()
@@ -324,6 +359,10 @@ class _WorkerProcess:
             transport, _ = await loop.create_datagram_endpoint(lambda: UdpServer(worker, protocol_class, handlers), sock=sock)
             self.udp_transport = transport
             return
+        if self.ssl_context is not None:
+            context, timeout = self.ssl_context, worker.ssl_handshake_timeout
+            self.server = await loop.create_server(lambda: TlsAcceptor(context, factory, timeout), sock=sock, backlog=worker.backlog)
+            return
         self.server = await loop.create_server(factory, sock=sock, backlog=worker.backlog)
 
     # -- signals -----------------------------------------------------------------------
@@ -364,6 +403,7 @@ class _WorkerProcess:
             self.server.close()
         if self.udp_transport is not None:
             self.udp_transport.close()
+        abort_handshakes()
         log.info(
             "worker %s[%d] pid %d %s (%d connections)",
             worker.name,
@@ -443,6 +483,7 @@ class _WorkerProcess:
             protocol_error=process_stats.protocol_error,
             package_too_large=process_stats.package_too_large,
             connect_fail=process_stats.connect_fail,
+            tls_error=process_stats.tls_error,
         )
         if self.done is None or not self.done.done():
             loop.call_later(PUBLISH_INTERVAL, self.publish)
