@@ -774,6 +774,10 @@ class WebSocketProtocol(Protocol):
     def _answer(self, key: str, decision: Any) -> bool:
         """Send the 101 (True) or the refusal (False) the decision calls for."""
         connection = self.connection
+        if connection.closed:  # the application closed it while deciding
+            self._state = _CLOSED
+            self._held = None
+            return False
         if decision is False:
             decision = 403
         if isinstance(decision, int) and not isinstance(decision, bool):
