@@ -5,17 +5,24 @@
     conn = AsyncTcpConnection("text://127.0.0.1:2345")
     conn.on_connect = lambda c: c.send("hello")
     conn.on_message = lambda c, line: print(line)
-    conn.on_close = lambda c: c.reconnect(1)
+    conn.on_close = lambda c: c.reconnect()       # again, after a growing delay
     conn.connect()
 
-Data sent before the connection is established waits (up to
-``max_send_buffer_size``) and goes out once it is. A failed attempt calls
-``on_error(conn, CONNECT_FAIL, message)``; ``reconnect(after)`` tries again later.
+Any protocol scheme works, over TLS too (``ssl=True``, a context or a dict: see
+:func:`longshore.connection.tls.client_context`; ``wss://`` is ``ws://`` with TLS).
+Data sent before the connection is established waits (up to ``max_send_buffer_size``)
+and goes out once it is. A failed attempt (refused, unreachable, timed out, a TLS
+handshake or certificate that fails) counts ``connect_fail`` and calls
+``on_error(conn, CONNECT_FAIL, message)``, then ``on_close(conn)``, so one
+``on_close`` that calls :meth:`~AsyncTcpConnection.reconnect` keeps a client trying
+whether the server went away or was never there. An established outgoing connection
+counts in its process's ``connections`` like an accepted one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 from ..errors import CONNECT_FAIL, SEND_FAIL
@@ -23,13 +30,43 @@ from ..listen import parse_listen
 from ..protocols import get_protocol
 from ..protocols.base import Protocol
 from ..stats import process_stats as _stats
-from .tcp import CLOSED, CONNECTING, ESTABLISHED, Handlers, TcpConnection
+from .tcp import CLOSED, CLOSING, CONNECTING, ESTABLISHED, Handlers, TcpConnection
+from .tls import client_context
+
+#: Client schemes that mean a protocol over TLS.
+_TLS_SCHEMES = {"wss": "ws"}
 
 
 class AsyncTcpConnection(TcpConnection):
-    """An outgoing stream connection to ``remote_url`` (``scheme://host:port``)."""
+    """An outgoing stream connection to ``remote_url`` (``scheme://host:port``, ``unix:///path``).
 
-    __slots__ = ("remote_url", "_target", "_protocol_class", "ssl", "connect_timeout", "_pending", "_pending_size", "_reconnect_handle")
+    ``ssl``: None (plain), True (verify against the system's CAs), an
+    :class:`ssl.SSLContext` or a dict (``cafile``, ``verify``, ``certfile`` ...);
+    ``server_hostname`` overrides the name checked in the certificate (default: the
+    host of the URL); ``transport="ssl"`` is ``ssl=True``.
+    """
+
+    __slots__ = (
+        "remote_url",
+        "_target",
+        "_protocol_class",
+        "ssl",
+        "server_hostname",
+        "ssl_handshake_timeout",
+        "connect_timeout",
+        "reconnect_attempts",
+        "_ssl_context",
+        "_pending",
+        "_pending_size",
+        "_reconnect_handle",
+        "_reconnect_after_close",
+    )
+
+    #: ``reconnect()`` without a delay waits ``reconnect_min_delay * 2 ** attempts``
+    #: seconds (attempts since the last established connection), at most
+    #: ``reconnect_max_delay``, give or take 10 % so that many clients do not come back at once.
+    reconnect_min_delay = 0.5
+    reconnect_max_delay = 30.0
 
     def __init__(
         self,
@@ -37,27 +74,48 @@ class AsyncTcpConnection(TcpConnection):
         *,
         protocol: type[Protocol] | str | None = None,
         ssl: Any = None,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float = 10.0,
+        transport: str | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         from ..worker import Worker
 
         address = parse_listen(remote_url)
+        scheme = address.scheme
+        if scheme in _TLS_SCHEMES:
+            scheme = _TLS_SCHEMES[scheme]
+            ssl = True if ssl is None else ssl
+        if transport in ("ssl", "tls"):
+            ssl = True if ssl is None else ssl
+        elif transport not in (None, "tcp"):
+            raise ValueError(f"transport={transport!r}: use 'ssl' for TLS (AsyncUdpConnection for udp://)")
+        if address.transport == "udp":
+            raise ValueError("udp:// is for AsyncUdpConnection")
         if isinstance(protocol, str):
             protocol = get_protocol(protocol)
-        protocol_class = protocol or get_protocol(address.scheme)
+        protocol_class = protocol or get_protocol(scheme)
         super().__init__(Worker.current, protocol_class, Handlers())
         self._own_handlers = True
         self.remote_url = remote_url
         self._target = address
         self._protocol_class = protocol_class
         self.ssl = ssl
+        self._ssl_context = client_context(ssl)
+        self.server_hostname = server_hostname
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         self.connect_timeout = connect_timeout
+        #: Failed attempts since the last established connection (``reconnect()`` backoff).
+        self.reconnect_attempts = 0
         self._pending: list[bytes | bytearray] = []
         self._pending_size = 0
         self._reconnect_handle: asyncio.TimerHandle | None = None
+        self._reconnect_after_close: float | None = None
 
     def connect(self) -> None:
         """Start connecting (returns at once; ``on_connect`` or ``on_error`` follows)."""
+        if self._state is ESTABLISHED or self._state is CLOSING:
+            return
         loop = asyncio.get_running_loop()
         self._state = CONNECTING
         self._reconnect_handle = None
@@ -67,22 +125,39 @@ class AsyncTcpConnection(TcpConnection):
         loop = asyncio.get_running_loop()
         target = self._target
         self.protocol = self._protocol_class(self)
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self.ssl_handshake_timeout}
+            if target.transport == "unix" or self.server_hostname is not None:
+                tls["server_hostname"] = self.server_hostname or "localhost"
         try:
             if target.transport == "unix":
-                coroutine = loop.create_unix_connection(lambda: self, target.path, ssl=self.ssl)
+                coroutine = loop.create_unix_connection(lambda: self, target.path, **tls)
             else:
-                coroutine = loop.create_connection(lambda: self, target.host, target.port, ssl=self.ssl)
+                coroutine = loop.create_connection(lambda: self, target.host, target.port, **tls)
             await asyncio.wait_for(coroutine, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             if self._state is ESTABLISHED:
                 return
-            self._state = CLOSED
-            _stats.connect_fail += 1
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
-            self._emit_error(CONNECT_FAIL, f"connect to {self.remote_url} failed: {reason}")
+            self._connect_failed("timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc)))
+
+    def _connect_failed(self, reason: str) -> None:
+        if self._state is CLOSED:  # closed by the application while connecting
+            return
+        self._state = CLOSED
+        self.reconnect_attempts += 1
+        _stats.connect_fail += 1
+        self._emit_error(CONNECT_FAIL, f"connect to {self.remote_url} failed: {reason}")
+        handler = self._handlers.on_close
+        if handler is not None:
+            self._call(handler, "on_close", self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        if self._state is CLOSED:  # closed by the application while connecting
+            transport.close()
+            return
         was_full, self._buffer_full = self._buffer_full, False
+        self.reconnect_attempts = 0
         super().connection_made(transport)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if pending:
@@ -124,19 +199,41 @@ class AsyncTcpConnection(TcpConnection):
             return self._pending_size
         return super().send_buffer_size
 
-    def reconnect(self, after: float = 0) -> None:
-        """Connect again ``after`` seconds from now (closing the current connection first)."""
+    def reconnect(self, after: float | None = None) -> None:
+        """Connect again ``after`` seconds from now, or after the backoff delay when
+        ``after`` is None (see ``reconnect_min_delay``). An open connection is cut first
+        (its ``on_close`` runs); the delay counts from then."""
         self.cancel_reconnect()
-        if self._state is ESTABLISHED:
+        if after is None:
+            delay = min(self.reconnect_min_delay * 2 ** min(self.reconnect_attempts, 30), self.reconnect_max_delay)
+            after = delay * random.uniform(0.9, 1.1)
+        if self._state is ESTABLISHED or (self._state is CLOSING and self.transport is not None):
+            self._reconnect_after_close = max(after, 0)
             self.destroy()
+            return
         loop = asyncio.get_running_loop()
-        self._reconnect_handle = loop.call_later(max(after, 0), self.connect)
+        self._reconnect_handle = loop.call_later(max(after, 0), self._reconnect_now)
+
+    def _reconnect_now(self) -> None:
+        self._reconnect_handle = None
+        self.connect()
+
+    def _after_close(self) -> None:
+        after, self._reconnect_after_close = self._reconnect_after_close, None
+        if after is not None and self._reconnect_handle is None:
+            self._reconnect_handle = asyncio.get_running_loop().call_later(after, self._reconnect_now)
 
     def cancel_reconnect(self) -> None:
         """Forget a reconnect scheduled by :meth:`reconnect`."""
+        self._reconnect_after_close = None
         if self._reconnect_handle is not None:
             self._reconnect_handle.cancel()
             self._reconnect_handle = None
+
+    def close(self, data: Any = None, raw: bool = False) -> None:
+        """As for accepted connections; also stops a connect in progress and any planned reconnect."""
+        self.cancel_reconnect()
+        super().close(data, raw)
 
 
 __all__ = ["AsyncTcpConnection", "CONNECT_FAIL", "SEND_FAIL"]
