@@ -41,3 +41,47 @@ text.on_message = lambda conn, line: conn.send(line.upper())
         return raw_total == 10 and text_process["total_request"] == 4 and text_process["protocol_error"] == 2
 
     wait_for(counted, what="datagrams counted")
+
+
+def test_outgoing_udp_to_a_udp_worker_and_to_a_closed_port(app_factory):
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    app = app_factory(
+        f"""
+from longshore import AsyncUdpConnection
+server = Worker("udp://127.0.0.1:0", name="udp-server", protocol="text")
+server.on_message = lambda conn, line: conn.send("pong " + line)
+client = Worker(None, name="udp-client")
+LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def record(*words):
+    with open(LOG, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+
+def on_worker_start(worker):
+    listen = [w for w in Worker._all if w.name == "udp-server"][0].bound_listen
+    udp = AsyncUdpConnection(listen.replace("udp://", "udp://"), protocol="text")
+    udp.on_connect = lambda conn: record("connect", conn.remote_address)
+    udp.on_message = lambda conn, line: record("message", line)
+    record("early", udp.send("sent before the socket was made"))
+    udp.connect()
+    worker.udp = udp
+    Timer.add(0.1, lambda: udp.send("tick"), persistent=False)
+    nobody = AsyncUdpConnection("udp://127.0.0.1:{closed_port}")
+    nobody.on_error = lambda conn, code, message: record("error", code, message)
+    nobody.on_connect = lambda conn: conn.send(b"anyone?")
+    nobody.connect()
+
+client.on_worker_start = on_worker_start
+"""
+    ).start()
+    events = app.folder / "events.txt"
+    wait_for(lambda: events.exists() and "message pong tick" in events.read_text(), what="answers")
+    text = events.read_text()
+    assert "early None" in text and "message pong sent before the socket was made" in text
+    assert f"connect 127.0.0.1:{app.port(0)}" in text
+    wait_for(lambda: "error 1 " in events.read_text(), what="CONNECT_FAIL from the closed port")
+    wait_for(lambda: (lambda p: p["connections"] == 2 and p["connect_fail"] == 1 and p["total_request"] == 2)(app.processes("udp-client")[0]),
+             what="outgoing udp counted in status")

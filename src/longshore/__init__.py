@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .cli import run_all
 from .connection.async_tcp import AsyncTcpConnection
 from .connection.tcp import TcpConnection
+from .connection.udp import AsyncUdpConnection
 from .errors import CONNECT_FAIL, PACKAGE_TOO_LARGE, PROTOCOL_ERROR, SEND_FAIL
 from .protocols import Protocol, register_protocol
 from .timer import Timer
@@ -23,6 +24,7 @@ __all__ = [
     "PROTOCOL_ERROR",
     "SEND_FAIL",
     "AsyncTcpConnection",
+    "AsyncUdpConnection",
     "Protocol",
     "TcpConnection",
     "Timer",

@@ -6,6 +6,9 @@ worker's socket); there is no connection state between datagrams, so there is no
 own: ``Worker("udp://0.0.0.0:9000", protocol="text")`` expects every datagram to hold
 whole lines. A datagram its protocol rejects is dropped and counted (``protocol_error``).
 ``total_request`` counts datagrams.
+
+:class:`AsyncUdpConnection` is the outgoing side: a socket connected to one server,
+``send()`` to it, ``on_message`` for each datagram it answers with.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SEND_FAIL, ProtocolError
+from ..errors import CONNECT_FAIL, SEND_FAIL, ProtocolError
+from ..listen import parse_listen
 from ..stats import process_stats as _stats
 from .tcp import Handlers, report_exception
 
@@ -121,10 +125,186 @@ class UdpServer(asyncio.DatagramProtocol):
         log.info("udp socket error: %s", exc)
 
 
+class AsyncUdpConnection(asyncio.DatagramProtocol):
+    """An outgoing UDP "connection": a socket connected to ``remote_url`` (``udp://host:port``).
+
+    ::
+
+        stats = AsyncUdpConnection("udp://10.0.0.5:8125", protocol="text")
+        stats.on_message = lambda conn, line: print(line)
+        stats.connect()
+        stats.send("requests:1|c")
+
+    Callbacks: ``on_connect(conn)`` once the socket is ready (sends made before wait
+    for it), ``on_message(conn, data)`` per datagram (decoded by ``protocol``, as for
+    UDP workers), ``on_error(conn, code, message)`` (``CONNECT_FAIL`` when the address
+    cannot be resolved or nobody listens there, as the peer's ICMP answer reports it),
+    ``on_close(conn)``. ``send()`` returns True, None (queued before the socket is ready)
+    or False (closed, or the socket refused it: counted in ``send_fail``). While open it
+    counts in its process's ``connections``.
+    """
+
+    #: Datagrams kept while the socket is being made; more are refused.
+    max_pending = 1024
+
+    def __init__(self, remote_url: str, *, protocol: type[Protocol] | str | None = None) -> None:
+        from ..protocols import get_protocol
+        from ..worker import Worker
+
+        address = parse_listen(remote_url)
+        if address.transport != "udp":
+            raise ValueError(f"{remote_url!r}: AsyncUdpConnection takes udp://host:port")
+        if isinstance(protocol, str):
+            protocol = get_protocol(protocol)
+        self.remote_url = remote_url
+        self.worker = Worker.current
+        self.protocol_class: type[Protocol] = protocol or get_protocol("udp")
+        self.max_package_size = UdpConnection.default_max_package_size
+        self.protocol = self.protocol_class(self)  # type: ignore[arg-type]
+        self.transport: asyncio.DatagramTransport | None = None
+        self.on_connect: Any = None
+        self.on_message: Any = None
+        self.on_error: Any = None
+        self.on_close: Any = None
+        self._address = address
+        self._pending: list[bytes] = []
+        self._state = "new"
+        self._remote: Any = (address.host, address.port)
+
+    def connect(self) -> None:
+        """Create the socket (returns at once; ``on_connect`` or ``on_error`` follows)."""
+        if self._state not in ("new", "closed"):
+            return
+        self._state = "connecting"
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_datagram_endpoint(lambda: self, remote_addr=(self._address.host, self._address.port))
+        except OSError as exc:
+            self._state = "closed"
+            _stats.connect_fail += 1
+            self._emit(self.on_error, "on_error", CONNECT_FAIL, f"connect to {self.remote_url} failed: {exc.strerror or exc}")
+            self._emit(self.on_close, "on_close")
+
+    # -- asyncio.DatagramProtocol ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        if self._state == "closed":  # closed while connecting
+            transport.close()
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self._remote = transport.get_extra_info("peername") or self._remote
+        self._state = "open"
+        _stats.connections += 1
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._sendto(data)
+        self._emit(self.on_connect, "on_connect")
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        _stats.total_request += 1
+        try:
+            messages = self.protocol.feed(data)
+        except ProtocolError as exc:
+            _stats.protocol_error += 1
+            log.info("udp datagram from %s dropped: %s", self.remote_address, exc)
+            return
+        if not messages and self.protocol.buffered():
+            _stats.protocol_error += 1
+            self.protocol = self.protocol_class(self)  # type: ignore[arg-type]  # forget the partial package
+            return
+        for message in messages:
+            self._emit(self.on_message, "on_message (udp)", message)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            _stats.connect_fail += 1
+            self._emit(self.on_error, "on_error", CONNECT_FAIL, f"{self.remote_url}: nobody listens there ({exc.strerror or exc})")
+        else:
+            _stats.send_fail += 1
+            self._emit(self.on_error, "on_error", SEND_FAIL, f"{self.remote_url}: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == "open":
+            _stats.connections -= 1
+        self._state = "closed"
+        self.transport = None
+        self._emit(self.on_close, "on_close")
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, data: Any, raw: bool = False) -> bool | None:
+        """Send one datagram: True, None (waits for the socket) or False (counted in send_fail)."""
+        if not raw:
+            data = self.protocol.encode(data)
+        elif isinstance(data, str):
+            data = data.encode()
+        if self._state in ("new", "connecting"):
+            if len(self._pending) >= self.max_pending:
+                _stats.send_fail += 1
+                return False
+            self._pending.append(data)
+            return None
+        if self._state != "open":
+            _stats.send_fail += 1
+            return False
+        return self._sendto(data)
+
+    def _sendto(self, data: bytes) -> bool:
+        try:
+            self.transport.sendto(data)  # type: ignore[union-attr]
+        except OSError as exc:
+            _stats.send_fail += 1
+            self._emit(self.on_error, "on_error", SEND_FAIL, f"send to {self.remote_url} failed: {exc}")
+            return False
+        return True
+
+    def close(self, data: Any = None, raw: bool = False) -> None:
+        """Send ``data`` if given, then close the socket (``on_close`` follows)."""
+        if data is not None:
+            self.send(data, raw)
+        if self._state in ("new", "connecting"):
+            self._state = "closed"
+        elif self.transport is not None:
+            self.transport.close()
+
+    @property
+    def closed(self) -> bool:
+        """True unless the socket is open or being made."""
+        return self._state == "closed"
+
+    @property
+    def remote_ip(self) -> str:
+        """The server's IP address."""
+        return str(self._remote[0]) if isinstance(self._remote, tuple) else ""
+
+    @property
+    def remote_port(self) -> int:
+        """The server's port."""
+        return int(self._remote[1]) if isinstance(self._remote, tuple) else 0
+
+    @property
+    def remote_address(self) -> str:
+        """``ip:port`` of the server (``[ip]:port`` for IPv6)."""
+        host, port = self.remote_ip, self.remote_port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _emit(self, handler: Any, what: str, *args: Any) -> None:
+        if handler is None:
+            return
+        try:
+            result = handler(self, *args)
+            if result is not None and hasattr(result, "__await__"):
+                task = asyncio.get_running_loop().create_task(result)
+                task.add_done_callback(_report_task)
+        except Exception:
+            report_exception(what)
+
+
 def _report_task(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         _stats.throw_exception += 1
         log.error("exception in on_message (udp)", exc_info=task.exception())
 
 
-__all__ = ["SEND_FAIL", "UdpConnection", "UdpServer"]
+__all__ = ["AsyncUdpConnection", "SEND_FAIL", "UdpConnection", "UdpServer"]
