@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import is_closed, wait_for
 from test_websocket import RECORDER
-from wsutil import handshake, read_close, read_frame
+from wsutil import handshake, read_frame
 
 
 def test_a_client_that_stops_reading_is_dropped_while_another_gets_everything(app_factory):

@@ -336,7 +336,7 @@ class WebSocketProtocol(Protocol):
     idle_timeout: float | None = 60.0
     subprotocols: ClassVar[tuple[str, ...]] = ()
     compression: ClassVar[bool] = True
-    compress_min_size: ClassVar[int] = 128
+    compress_min_size: int = 128
     handshake_timeout: ClassVar[float] = 10.0
 
     __slots__ = (
@@ -613,7 +613,7 @@ class WebSocketProtocol(Protocol):
         return _frame_bytes(first, payload, self.client)
 
     def _write(self, data: bytes) -> None:
-        connection = self.connection
+        connection: Any = self.connection
         if connection._state is ESTABLISHED and connection.transport is not None:
             connection._flush_cork()
             connection.transport.write(data)
@@ -642,7 +642,7 @@ class WebSocketProtocol(Protocol):
 
     # -- heartbeats ----------------------------------------------------------------------------
     def _heartbeat(self, now: float) -> None:
-        connection = self.connection
+        connection: Any = self.connection
         state = self._state
         if state != _OPEN or connection.closed:
             if (state == _HANDSHAKE or state == _DECIDING) and not connection.closed:
@@ -773,7 +773,7 @@ class WebSocketProtocol(Protocol):
 
     def _answer(self, key: str, decision: Any) -> bool:
         """Send the 101 (True) or the refusal (False) the decision calls for."""
-        connection = self.connection
+        connection: Any = self.connection
         if connection.closed:  # the application closed it while deciding
             self._state = _CLOSED
             self._held = None
@@ -998,7 +998,7 @@ class WebSocketClientProtocol(WebSocketProtocol):
 
     def handshake_request(self) -> bytes:
         """The opening handshake for this connection's URL."""
-        connection = self.connection
+        connection: Any = self.connection
         parts = urlsplit(connection.remote_url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         lines = [
@@ -1073,7 +1073,7 @@ class WebSocketClientProtocol(WebSocketProtocol):
     def _refused(self, message: str) -> list[Any]:
         self._state = _CLOSED
         self._held = None
-        connection = self.connection
+        connection: Any = self.connection
         _stats.connect_fail += 1
         connection._emit_error(CONNECT_FAIL, f"websocket handshake with {connection.remote_url} failed: {message}")
         _close_socket(connection)
