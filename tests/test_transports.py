@@ -56,3 +56,49 @@ w.on_message = lambda conn, line: conn.send(conn.remote_ip + " " + line)
     rows = json.loads(app.cli("connections", "--json").stdout)["connections"]
     assert rows[0]["remote"] == f"[::1]:{client.getsockname()[1]}"
     assert rows[0]["local"] == f"[::1]:{port}"
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this machine")
+def test_dual_stack_listener_takes_ipv4_and_ipv6_clients(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://[::]:0", name="both")
+w.on_message = lambda conn, line: conn.send(conn.remote_address + " " + line)
+"""
+    ).start()
+    listen = app.status()["workers"][0]["listen"]
+    assert listen.startswith("text://[::]:")
+    port = int(listen.rsplit(":", 1)[1])
+    four = socket.create_connection(("127.0.0.1", port), timeout=5)
+    six = socket.create_connection(("::1", port), timeout=5)
+    four.sendall(b"over ipv4\n")
+    six.sendall(b"over ipv6\n")
+    assert read_lines(four, 1) == [f"127.0.0.1:{four.getsockname()[1]} over ipv4"]
+    assert read_lines(six, 1) == [f"[::1]:{six.getsockname()[1]} over ipv6"]
+    rows = json.loads(app.cli("connections", "--json").stdout)["connections"]
+    assert sorted(row["remote"] for row in rows) == sorted([f"127.0.0.1:{four.getsockname()[1]}", f"[::1]:{six.getsockname()[1]}"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run workers as another user")
+def test_unix_socket_belongs_to_the_workers_user(app_factory, tmp_path):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "owned.sock"
+    app = app_factory(
+        f"""
+w = Worker("unix://{path}", name="owned", protocol="text", user="nobody", unix_mode=0o600)
+w.on_message = lambda conn, line: conn.send(str(os.getuid()) + " " + line)
+"""
+    ).start()
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, oct(info.st_mode & 0o777)) == (nobody.pw_uid, nobody.pw_gid, "0o600")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    client.connect(str(path))
+    client.sendall(b"who\n")
+    assert read_lines(client, 1) == [f"{nobody.pw_uid} who"]
+    client.close()
+    app.cli("stop")
+    assert not path.exists()

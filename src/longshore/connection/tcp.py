@@ -182,7 +182,10 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         self.transport = transport  # type: ignore[assignment]
         self._state = ESTABLISHED
-        self._remote = transport.get_extra_info("peername")
+        remote = transport.get_extra_info("peername")
+        if remote is not None and len(remote) == 4 and remote[0].startswith("::ffff:"):
+            remote = (remote[0][7:], remote[1])  # an IPv4 client of a dual-stack [::] listener
+        self._remote = remote
         loop = asyncio.get_running_loop()
         self.created_at = loop.time()
         transport.set_write_buffer_limits(high=max(self._max_send_buffer_size - 1, 0), low=0)  # type: ignore[attr-defined]
