@@ -139,8 +139,9 @@ RESULTS = os.path.join(os.environ["APP_DIR"], "results.json")
 results = {{"accepted": 0, "dropped": 0, "full": 0, "drain": 0, "errors": []}}
 
 def save():
-    with open(RESULTS, "w") as f:
+    with open(RESULTS + ".tmp", "w") as f:
         json.dump(results, f)
+    os.replace(RESULTS + ".tmp", RESULTS)
 
 w = Worker("tcp://127.0.0.1:0", name="flood", ssl={{"certfile": {certificates["cert"]!r}, "keyfile": {certificates["key"]!r}}})
 TcpConnection.default_max_send_buffer_size = 256 * 1024
