@@ -240,3 +240,95 @@ w.on_worker_start = start
         assert server.paths[0] == "/echo?x=1"
         assert server.extensions[0] == "PerMessageDeflate"
         assert server.pongs == 1
+
+
+class RawServer:
+    """A hand-written server that answers the handshake and then misbehaves, per path."""
+
+    CASES = {
+        "/masked": b"\x81\x82abcd" + bytes(x ^ y for x, y in zip(b"hi", b"ab")),
+        "/utf8": b"\x81\x02\xc3\x28",
+        "/big": b"\x82\x7e\x10\x00" + b"x" * 4096,
+        "/rsv": b"\xc1\x02hi",
+        "/opcode": b"\x83\x00",
+    }
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.codes: dict[str, int] = {}
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+
+    def handle(self, sock) -> None:
+        from longshore.protocols.websocket import accept_key
+
+        with sock:
+            sock.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+            path = head.split(b" ")[1].decode()
+            key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key")][0]
+            if path == "/badkey":
+                key = b"AAAAAAAAAAAAAAAAAAAAAA=="
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
+            if path not in self.CASES:
+                return
+            sock.sendall(self.CASES[path])
+            data = b""
+            try:
+                while len(data) < 8:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                pass
+            if len(data) >= 8 and data[0] == 0x88 and data[1] & 0x80:  # a masked close frame
+                mask = data[2:6]
+                self.codes[path] = int.from_bytes(bytes(b ^ mask[i] for i, b in enumerate(data[6:8])), "big")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_our_client_refuses_bad_input_from_a_server(app_factory):
+    server = RawServer()
+    try:
+        app = app_factory(
+            RECORDER
+            + f"""
+PORT = {server.port}
+w = Worker(None, name="client")
+results.update(errors={{}}, connected=[])
+
+def start(worker):
+    for path in ["/masked", "/utf8", "/big", "/rsv", "/opcode", "/badkey"]:
+        conn = AsyncTcpConnection(f"ws://127.0.0.1:{{PORT}}{{path}}")
+        conn.max_package_size = 1000
+        conn.on_connect = lambda c, path=path: (results["connected"].append(path), save())
+        conn.on_error = lambda c, code, message, path=path: (results["errors"].__setitem__(path, [code, message]), save())
+        conn.connect()
+
+w.on_worker_start = start
+"""
+        ).start()
+        results = wait_for(lambda: (r := app.read_json("results.json")) and len(r["errors"]) == 6 and r, what="six errors")
+        wait_for(lambda: len(server.codes) == 5, what="five close frames")
+        assert server.codes == {"/masked": 1002, "/utf8": 1007, "/big": 1009, "/rsv": 1002, "/opcode": 1002}
+        assert results["errors"]["/badkey"][0] == 1  # CONNECT_FAIL
+        assert "Sec-WebSocket-Accept" in results["errors"]["/badkey"][1]
+        assert "/badkey" not in results["connected"]
+        assert {code for code, _ in results["errors"].values()} == {1, 3, 4}
+    finally:
+        server.close()
