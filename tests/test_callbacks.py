@@ -180,3 +180,27 @@ Worker.on_master_start = on_master_start
     path = app.folder / "master-ticks.txt"
     wait_for(lambda: path.exists() and len(path.read_text().split()) >= 3, what="three master ticks")
     assert set(path.read_text().split()) == {str(app.master_pid())}
+
+
+def test_pause_recv_in_on_connect_holds_the_data_until_resume(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="paused")
+
+def on_connect(conn):
+    conn.pause_recv()
+    Timer.add(1.0, conn.resume_recv, persistent=False)
+    conn.started = time.monotonic()
+
+def on_message(conn, line):
+    conn.send(f"{time.monotonic() - conn.started:.2f} {line}")
+
+w.on_connect = on_connect
+w.on_message = on_message
+"""
+    ).start()
+    sock = connect(app.port())
+    sock.sendall(b"early\n")
+    waited, line = read_lines(sock, 1)[0].split(" ")
+    assert line == "early"
+    assert float(waited) >= 0.9  # read only once resume_recv ran

@@ -129,6 +129,7 @@ class TcpConnection(asyncio.Protocol):
         "_cork_size",
         "_cork_base",
         "_recv_paused",
+        "_held",
         "_serial",
         "_serial_paused",
         "_buffer_full",
@@ -155,6 +156,7 @@ class TcpConnection(asyncio.Protocol):
         self._cork_size = 0
         self._cork_base = 0
         self._recv_paused = False
+        self._held: list[bytes] | None = None
         self._serial: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
         self._serial_paused = False
         self._buffer_full = False
@@ -201,6 +203,9 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_read += len(data)
         if self._state is not ESTABLISHED:
+            return
+        if self._recv_paused:  # paused before the transport could stop reading
+            self._hold(data)
             return
         try:
             messages = self._protocol.feed(data)
@@ -429,7 +434,28 @@ class TcpConnection(asyncio.Protocol):
     def resume_recv(self) -> None:
         """Read from the socket again."""
         self._recv_paused = False
-        if self._state is ESTABLISHED and not self._serial_paused:
+        if self._held:
+            asyncio.get_running_loop().call_soon(self._deliver_held)
+        elif self._state is ESTABLISHED and not self._serial_paused:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _hold(self, data: bytes) -> None:
+        # A transport starts reading when connection_made returns, even if on_connect
+        # paused it: keep what arrives and stop reading until resume_recv.
+        if self._held is None:
+            self._held = []
+        self._held.append(data)
+        self.bytes_read -= len(data)  # counted again when delivered
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def _deliver_held(self) -> None:
+        held, self._held = self._held, None
+        for data in held or ():
+            if self._recv_paused:  # paused again while delivering: keep the rest
+                self._held = (self._held or []) + [data]
+                continue
+            self.data_received(data)
+        if not self._recv_paused and self._state is ESTABLISHED and not self._serial_paused:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def pipe(self, dest: TcpConnection) -> TcpConnection:
