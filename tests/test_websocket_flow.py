@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from http import HTTPStatus
 
 import httpx
@@ -332,3 +333,25 @@ w.on_worker_start = start
         assert {code for code, _ in results["errors"].values()} == {1, 3, 4}
     finally:
         server.close()
+
+
+def test_graceful_stop_says_going_away_without_waiting_for_stop_timeout(app_factory):
+    app = app_factory(
+        """
+w = Worker("websocket://127.0.0.1:0", name="ws", stop_timeout=20)
+w.on_websocket_connected = lambda conn: conn.send("x" * 100_000)
+"""
+    ).start()
+    port = app.port()
+
+    async def scenario():
+        async with ws_connect(f"ws://127.0.0.1:{port}/") as ws:
+            stopping = asyncio.get_running_loop().run_in_executor(None, app.cli, "stop", "-g")
+            assert await ws.recv() == "x" * 100_000  # what was sent arrives first
+            await ws.wait_closed()
+            await stopping
+            return ws.close_code
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()) == 1001
+    assert time.monotonic() - started < 10

@@ -353,6 +353,7 @@ class WebSocketProtocol(Protocol):
         "_seen_read",
         "_idle_since",
         "_last_ping",
+        "_going_away",
         "request",
         "subprotocol",
         "close_code",
@@ -376,6 +377,7 @@ class WebSocketProtocol(Protocol):
         self._seen_read = 0
         self._idle_since = 0.0
         self._last_ping = 0.0
+        self._going_away = False
         #: The handshake request (:class:`longshore.http.Request`).
         self.request: Request | None = None
         #: The selected subprotocol, or None.
@@ -640,6 +642,19 @@ class WebSocketProtocol(Protocol):
         self._state = _CLOSED
         _watched.pop(self, None)
 
+    def graceful_close(self) -> None:
+        """The worker stops gracefully: close with 1001 (going away) after what was sent.
+
+        A connection has no natural end to wait for, so it is closed now, its send buffer
+        written out first; a client that reconnects reaches a worker that stays. A
+        handshake in progress is completed first.
+        """
+        if self._state == _OPEN:
+            self.close(CLOSE_GOING_AWAY, "server going away")
+            _close_socket(self.connection)
+        elif self._state == _HANDSHAKE or self._state == _DECIDING:
+            self._going_away = True
+
     # -- heartbeats ----------------------------------------------------------------------------
     def _heartbeat(self, now: float) -> None:
         connection: Any = self.connection
@@ -811,6 +826,9 @@ class WebSocketProtocol(Protocol):
         connection.transport.write(handshake + b"".join(held or ()))
         connection.bytes_written += len(handshake)
         self._start_heartbeat()
+        if self._going_away:
+            self.graceful_close()
+            return True
         hook = getattr(connection, "_websocket_connected_hook", None) or getattr(connection.worker, "on_websocket_connected", None)
         if hook is not None:
             connection._call(hook, "on_websocket_connected", connection)
