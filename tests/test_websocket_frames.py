@@ -175,3 +175,18 @@ def test_deflate_round_trip_and_bomb():
     body = bomb.compress(b"\0" * 100_000) + bomb.flush(zlib.Z_SYNC_FLUSH)
     with pytest.raises(PackageTooLarge):
         protocol.feed(frame(2, body[:-4], rsv=0x40))
+
+
+def test_a_large_message_in_many_chunks_is_not_copied_over_and_over():
+    import time
+
+    protocol, connection = opened()
+    connection.max_package_size = 20 * 1024 * 1024
+    payload = os.urandom(8 * 1024 * 1024)
+    data = frame(2, payload) + frame(1, b"next")
+    started = time.perf_counter()
+    received = []
+    for start in range(0, len(data), 65536):
+        received += protocol.feed(data[start : start + 65536])
+    assert received == [payload, "next"]
+    assert time.perf_counter() - started < 2.0

@@ -434,10 +434,9 @@ class WebSocketProtocol(Protocol):
                         return [payload.decode()]
                     except UnicodeDecodeError:
                         pass  # the general path below reports it
-            if buffer:
+            if buffer:  # the rest of a frame: parse in place, no copy of what waits
                 buffer += data
                 data = buffer  # type: ignore[assignment]
-                self._buffer = None
             out: list[Any] = []
             try:
                 self._parse(data, out)
@@ -524,8 +523,15 @@ class WebSocketProtocol(Protocol):
                     return
             else:
                 raise _Fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        buffer = self._buffer
         if position < size:
-            self._buffer = bytearray(view[position:])
+            if view is buffer:
+                if position:
+                    del buffer[:position]
+            else:
+                self._buffer = bytearray(view[position:])
+        elif buffer is not None:
+            self._buffer = None
 
     def _message(self, opcode: int, compressed: bool, payload: bytes, limit: int) -> Any:
         if compressed:
