@@ -600,7 +600,7 @@ class WebSocketProtocol(Protocol):
         size = len(payload)
         if size < 126 and not self.client and (not self._deflate_window or size < self.compress_min_size):
             return headers[size] + payload
-        if self.client or type(message) is bytearray:
+        if self.client or (type(message) is not str and type(message) is not bytes):  # masked, or mutable
             return self._frame(opcode, payload)
         # One message sent to many connections (a broadcast) is framed, and compressed,
         # once: the last frame is kept with the message object it was made from.
@@ -640,7 +640,7 @@ class WebSocketProtocol(Protocol):
         return self._send_control(OP_PING, bytes(data[:125]))
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Send a close frame (unless one was sent) and close the connection."""
+        """Write a close frame (unless one was sent); ``conn.close()`` then closes the socket."""
         if not self._close_sent and self._state == _OPEN:
             self._close_sent = True
             self._state = _CLOSED
