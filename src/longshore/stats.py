@@ -35,6 +35,9 @@ _HEADER_PREFIX = struct.Struct("<4sIIQI")
 # seq, pid, worker_id, state, started_at, heartbeat, connections, send_fail, timers,
 # total_request, throw_exception, memory, qps, send_buffer_bytes, bytes_read,
 # bytes_written, busy_since_wall, name, listen
+_SEQ = struct.Struct("<Q")
+_LENGTH = struct.Struct("<I")
+_HEADER_SEQ_OFFSET = 12  # magic (4) + version (4) + slot count (4)
 _SLOT = struct.Struct("<QqiidddqqqqqqdqqqqqqQ64s192s")
 
 STATE_FREE = 0
@@ -173,11 +176,17 @@ class StatsTable:
         data = json.dumps(document, separators=(",", ":")).encode()
         limit = HEADER_SIZE - _HEADER_PREFIX.size
         if len(data) > limit:
-            data = json.dumps({**document, "exits": document.get("exits", [])[:100]}).encode()[:limit]
-        _, _, slots, seq, _ = _HEADER_PREFIX.unpack_from(self.map, 0)
-        _HEADER_PREFIX.pack_into(self.map, 0, MAGIC, VERSION, slots, seq + 1, 0)
+            data = json.dumps({**document, "exits": document.get("exits", [])[:100]}, separators=(",", ":")).encode()
+        if len(data) > limit:
+            data = json.dumps({**document, "exits": []}, separators=(",", ":")).encode()[:limit]
+        seq = _HEADER_PREFIX.unpack_from(self.map, 0)[3]
+        seq += seq & 1  # odd: a writer died mid-write
+        # Only the sequence word changes first: struct.pack_into zeroes its whole area
+        # before writing, which a reader could take for a finished even sequence.
+        _SEQ.pack_into(self.map, _HEADER_SEQ_OFFSET, seq + 1)
         self.map[_HEADER_PREFIX.size : _HEADER_PREFIX.size + len(data)] = data
-        _HEADER_PREFIX.pack_into(self.map, 0, MAGIC, VERSION, slots, seq + 2, len(data))
+        _LENGTH.pack_into(self.map, _HEADER_SEQ_OFFSET + 8, len(data))
+        _SEQ.pack_into(self.map, _HEADER_SEQ_OFFSET, seq + 2)
 
     def read_header(self) -> dict[str, Any]:
         """Read the header JSON document written by the master."""
@@ -231,15 +240,19 @@ class StatsTable:
         """Update some fields of a slot under its sequence lock."""
         offset = self._offset(slot)
         values = list(_SLOT.unpack_from(self.map, offset))
-        seq = values[0]
-        struct.pack_into("<Q", self.map, offset, seq + 1)
+        seq = values[0] + (values[0] & 1)  # odd: a writer died mid-write
         for key, value in fields.items():
             index = _FIELD_INDEX[key]
             if key in ("name", "listen"):
                 value = value.encode()[: (64 if key == "name" else 192)]
             values[index] = value
-        values[0] = seq + 2
-        _SLOT.pack_into(self.map, offset, *values)
+        values[0] = seq + 1
+        packed = _SLOT.pack(*values)
+        # Odd sequence first, then the fields by plain copy (struct.pack_into would zero
+        # the area, sequence included, before writing), then the even sequence.
+        _SEQ.pack_into(self.map, offset, seq + 1)
+        self.map[offset + 8 : offset + _SLOT.size] = packed[8:]
+        _SEQ.pack_into(self.map, offset, seq + 2)
 
     def read_slots(self) -> list[SlotRecord]:
         """Every slot in use, in slot order."""
