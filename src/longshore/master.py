@@ -54,6 +54,8 @@ STOPPED = "stopped"
 #: How long a started worker must live for its exit not to count as a start-up failure.
 MIN_HEALTHY_LIFETIME = 1.0
 MAX_RESPAWN_DELAY = 10.0
+#: How long a reload waits for a new worker to serve before giving that step up.
+RELOAD_READY_TIMEOUT = 60.0
 
 
 def describe_exit(status: int) -> str:
@@ -253,7 +255,9 @@ class Master:
         runtime = self.runtime
         with open(runtime.pid_file, "w") as file:
             file.write(f"{os.getpid()}\n")
-        slots = sum(worker.count for worker in self.workers) * 2 + 8
+        # Retiring processes finish their connections beside their replacements: room
+        # for a few generations of them.
+        slots = sum(worker.count for worker in self.workers) * 4 + 16
         self.table = StatsTable.create(runtime.stats_file, slots)
         try:
             from setproctitle import setproctitle
@@ -436,12 +440,18 @@ class Master:
             self.ready_fd = None
 
     # -- processes -------------------------------------------------------------------------
-    def spawn(self, key: tuple[int, int]) -> int:
-        """Fork a worker process for (worker index, worker id)."""
+    def spawn(self, key: tuple[int, int]) -> int | None:
+        """Fork a worker process for (worker index, worker id); None if it must wait."""
         assert self.table is not None
         index, worker_id = key
         worker = self.workers[index]
-        slot = self.table.claim(0, worker_id, worker.name, worker.bound_listen or "")
+        try:
+            slot = self.table.claim(0, worker_id, worker.name, worker.bound_listen or "")
+        except RuntimeError:
+            # Every slot is taken by processes still finishing their connections.
+            log.error("no free status slot for worker %s[%d]; trying again in 1 s", worker.name, worker_id)
+            self.pending_spawns[key] = time.monotonic() + 1.0
+            return None
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -589,19 +599,25 @@ class Master:
         step = self.reload_step
         if step is not None and step.phase == "ready" and step.new_pid == child.pid and self.reload_graceful:
             # The replacement died before it served: keep the old process, give up the reload.
-            self.assigned[key] = step.old_pid
+            self.reload_step = None
+            self.reload_queue.clear()
             old = self.children.get(step.old_pid)
             if old is not None:
+                self.assigned[key] = step.old_pid
                 old.retiring = False
+                log.error(
+                    "reload abandoned: the new worker %s[%d] exited (%s) before serving; the old workers keep running",
+                    child.worker.name,
+                    child.worker_id,
+                    words,
+                )
+                return
             log.error(
-                "reload abandoned: the new worker %s[%d] exited (%s) before serving; the old workers keep running",
+                "reload abandoned: the new worker %s[%d] exited (%s) before serving and the old one is gone; respawning",
                 child.worker.name,
                 child.worker_id,
                 words,
             )
-            self.reload_step = None
-            self.reload_queue.clear()
-            return
         if self.assigned.get(key) != child.pid:
             return
         del self.assigned[key]
@@ -709,8 +725,13 @@ class Master:
                 old = self.children[old_pid]
                 stop_timeout = old.worker.stop_timeout
                 if self.reload_graceful:
-                    old.retiring = True
                     new_pid = self.spawn(key)
+                    if new_pid is None:  # no room yet: this step again later
+                        self.assigned[key] = old_pid
+                        self.pending_spawns.pop(key, None)
+                        self.reload_queue.appendleft(key)
+                        return
+                    old.retiring = True
                     self.reload_step = ReloadStep(key, old_pid, new_pid, "ready")
                 else:
                     old.kill_at = now + stop_timeout + 3.0
@@ -736,7 +757,20 @@ class Master:
                 return  # died; being respawned
             if new_pid != step.new_pid:
                 step.new_pid = new_pid
+                step.started = now
             states = {record.pid: record.state for record in self.table.read_slots()}
+            if states.get(new_pid) != STATE_RUNNING and now - step.started > RELOAD_READY_TIMEOUT:
+                name = self.workers[step.key[0]].name
+                if self.reload_graceful and new_pid in self.children:
+                    log.error("reload: new worker %s[%d] pid %d is not serving after %.0f s: killing it", name, step.key[1], new_pid, RELOAD_READY_TIMEOUT)
+                    self.send(new_pid, signal.SIGKILL)  # its exit abandons the reload, the old one stays
+                    step.started = now
+                else:
+                    log.error("reload abandoned: worker %s[%d] is not serving after %.0f s", name, step.key[1], RELOAD_READY_TIMEOUT)
+                    self.reload_step = None
+                    self.reload_queue.clear()
+                    self.header_dirty = True
+                return
             if states.get(new_pid) == STATE_RUNNING:
                 if self.reload_graceful:
                     old = self.children.get(step.old_pid)
