@@ -56,6 +56,7 @@ struct conn {
     size_t frame_have, frame_need;
     unsigned char frame_hdr[10];
     uint64_t frames;
+    int frame_counts;       /* the frame being read is a text frame (pings do not count) */
 };
 
 static uint32_t *hist;
@@ -225,43 +226,46 @@ static ssize_t read_handshake(int ep, struct conn *c, const char *data, size_t n
     return (ssize_t)used;
 }
 
-/* Broadcast mode: count whole frames (any size). */
+/* Broadcast mode: count whole text frames (any size; control frames do not count). */
+static void frame_done(struct conn *c)
+{
+    if (c->frame_counts) {
+        c->frames++;
+        broadcast_done++;
+    }
+}
+
 static void count_frames(struct conn *c, const unsigned char *p, size_t n)
 {
     size_t i = 0;
     while (i < n) {
         if (c->frame_need == 0) { /* reading a header */
             c->frame_hdr[c->frame_have++] = p[i++];
-            if (c->frame_have == 2) {
-                unsigned len = c->frame_hdr[1] & 0x7f;
-                if (len < 126) {
-                    c->frame_need = len ? len : (size_t)-1;
-                    c->frame_have = 0;
-                }
-            } else if (c->frame_have == 4 && (c->frame_hdr[1] & 0x7f) == 126) {
-                c->frame_need = ((size_t)c->frame_hdr[2] << 8) | c->frame_hdr[3];
-                c->frame_have = 0;
-            } else if (c->frame_have == 10) {
-                size_t len = 0;
+            size_t len = (size_t)-2; /* not known yet */
+            if (c->frame_have == 2 && (c->frame_hdr[1] & 0x7f) < 126)
+                len = c->frame_hdr[1] & 0x7f;
+            else if (c->frame_have == 4 && (c->frame_hdr[1] & 0x7f) == 126)
+                len = ((size_t)c->frame_hdr[2] << 8) | c->frame_hdr[3];
+            else if (c->frame_have == 10) {
+                len = 0;
                 for (int k = 2; k < 10; k++)
                     len = (len << 8) | c->frame_hdr[k];
+            }
+            if (len == (size_t)-2)
+                continue;
+            c->frame_have = 0;
+            c->frame_counts = (c->frame_hdr[0] & 0x0f) == 1;
+            if (len == 0)
+                frame_done(c);
+            else
                 c->frame_need = len;
-                c->frame_have = 0;
-            }
-            if (c->frame_need == (size_t)-1) { /* empty payload: done at once */
-                c->frame_need = 0;
-                c->frames++;
-                broadcast_done++;
-            }
             continue;
         }
         size_t take = n - i < c->frame_need ? n - i : c->frame_need;
         i += take;
         c->frame_need -= take;
-        if (c->frame_need == 0) {
-            c->frames++;
-            broadcast_done++;
-        }
+        if (c->frame_need == 0)
+            frame_done(c);
     }
 }
 
@@ -337,6 +341,34 @@ static void usage(void)
     exit(2);
 }
 
+#define MAX_OPENING 512
+
+/* Start connecting one connection; returns 1 when under way, 0 on failure. */
+static int open_conn(int ep, struct conn *c, const struct addrinfo *ai)
+{
+    c->state = C_DEAD;
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+        errors++;
+        return 0;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) {
+        errors++;
+        close(fd);
+        return 0;
+    }
+    c->fd = fd;
+    c->state = C_CONNECTING;
+    struct epoll_event ev = {0};
+    ev.events = EPOLLOUT;
+    ev.data.ptr = c;
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    c->want_out = 1;
+    return 1;
+}
+
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -395,35 +427,11 @@ int main(int argc, char **argv)
     }
     int ep = epoll_create1(EPOLL_CLOEXEC);
     struct conn *conns = calloc((size_t)nconns, sizeof *conns);
-    int alive = 0;
-    for (int i = 0; i < nconns; i++) {
-        struct conn *c = &conns[i];
-        c->state = C_DEAD;
-        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
-        if (fd < 0) {
-            errors++;
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS) {
-            errors++;
-            close(fd);
-            continue;
-        }
-        c->fd = fd;
-        c->state = C_CONNECTING;
-        struct epoll_event ev = {0};
-        ev.events = EPOLLOUT;
-        ev.data.ptr = c;
-        epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
-        c->want_out = 1;
-        alive++;
-        if (broadcast_mode && (i % 256) == 255)
-            usleep(2000); /* do not overflow the listen backlog */
-    }
-    freeaddrinfo(ai);
-
+    int alive = 0, opened = 0;
+    /* Broadcast mode opens connections a batch at a time (at most MAX_OPENING without a
+     * completed handshake), so that a slow handshake never times out in a long queue. */
+    while (opened < nconns && (!broadcast_mode || alive - handshaken < MAX_OPENING))
+        alive += open_conn(ep, &conns[opened++], ai);
     struct epoll_event events[512];
     uint64_t t_start = now_ns(), t_measure = t_start + (uint64_t)(warmup * 1e9);
     uint64_t t_end = t_measure + (uint64_t)(duration * 1e9), t_from = 0, t_stop = 0;
@@ -434,7 +442,9 @@ int main(int argc, char **argv)
     for (;;) {
         uint64_t t = now_ns();
         if (broadcast_mode) {
-            if (round < 0 && handshaken == alive && alive > 0) {
+            while (opened < nconns && alive - handshaken < MAX_OPENING)
+                alive += open_conn(ep, &conns[opened++], ai);
+            if (round < 0 && opened == nconns && handshaken >= alive && alive > 0) {
                 round = 0;
                 broadcast_done = 0;
                 round_start = now_ns();
@@ -521,6 +531,7 @@ int main(int argc, char **argv)
         if (alive == 0)
             break;
     }
+    freeaddrinfo(ai);
     if (broadcast_mode) {
         int done = round < 0 ? 0 : round;
         qsort(round_ms, (size_t)done, sizeof(double), cmp_double);
