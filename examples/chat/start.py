@@ -12,38 +12,45 @@ Two workers of one app: ``web`` (``http://``, port 2345) serves the page, ``chat
 
 ``CHAT_PORT`` and ``CHAT_WS_PORT`` change the ports (0 picks a free one; ``status`` shows
 it); ``CHAT_PUSH_INTERVAL`` the seconds between pushes (0: none).
+
+The chat runs in ``CHAT_PROCESSES`` (4) worker processes: every connection joins the
+group ``chat`` and messages go out with ``channel.send_to_group``, which reaches members
+in every process. ``CHAT_CHANNEL=redis://127.0.0.1:6379/0`` puts the channel on Redis:
+start two copies (different ports, same Redis) and their users talk to each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import os
 import time
 
-from longshore import Timer, TcpConnection, Worker, run_all
+from longshore import Timer, TcpConnection, Worker, channel, run_all
 from longshore.http import Request, Response
 
 PORT = int(os.environ.get("CHAT_PORT", "2345"))
 WS_PORT = int(os.environ.get("CHAT_WS_PORT", "2346"))
 PUSH_INTERVAL = float(os.environ.get("CHAT_PUSH_INTERVAL", "5"))
 
-chat = Worker(f"websocket://0.0.0.0:{WS_PORT}", name="chat")
+chat = Worker(f"websocket://0.0.0.0:{WS_PORT}", count=int(os.environ.get("CHAT_PROCESSES", "4")), name="chat")
+Worker.channel = os.environ.get("CHAT_CHANNEL") or None
 web = Worker(f"http://0.0.0.0:{PORT}", name="web")
 
 nicknames: dict[TcpConnection, str] = {}
 
 
 def broadcast(text: str, exclude: TcpConnection | None = None) -> None:
-    """Send one message to everyone; a client that stopped reading only loses its own copy."""
-    for connection in list(chat.connections.values()):
-        if connection is not exclude and connection in nicknames:
-            connection.send(text)
+    """Send one message to everyone, in every process; a client that stopped reading only
+    loses its own copy."""
+    channel.send_to_group("chat", text, exclude=exclude)
 
 
 def on_websocket_connected(connection: TcpConnection) -> None:
     #: A chat message is short: anything longer than 4 KiB closes that connection (1009).
     connection.max_package_size = 4096
-    nicknames[connection] = f"guest{connection.id}"
+    nicknames[connection] = f"guest{chat.id}.{connection.id}"
+    channel.join_group(connection, "chat")
     connection.send(f"welcome, {nicknames[connection]}! /nick NAME, /who, /quit")
     broadcast(f"* {nicknames[connection]} joined from {connection.remote_ip}", exclude=connection)
 
@@ -59,11 +66,19 @@ def on_message(connection: TcpConnection, message: str | bytes) -> None:
         nicknames[connection] = new
         broadcast(f"* {old} is now {new}")
     elif line == "/who":
-        connection.send("* here: " + ", ".join(sorted(nicknames.values())))
+        asyncio.get_running_loop().create_task(who(connection))
     elif line == "/quit":
         connection.close("bye")
     else:
         broadcast(f"<{nicknames[connection]}> {line}")
+
+
+async def who(connection: TcpConnection) -> None:
+    try:
+        everyone = f"{await channel.group_count('chat')} here"
+    except channel.ChannelError:
+        everyone = "the channel is down"
+    connection.send(f"* {everyone}; on this process: " + ", ".join(sorted(nicknames.values())))
 
 
 def on_close(connection: TcpConnection) -> None:
@@ -73,7 +88,10 @@ def on_close(connection: TcpConnection) -> None:
 
 
 def push() -> None:
-    broadcast(time.strftime("* server time %H:%M:%S"))
+    """Each process pushes to its own connections: no channel traffic needed."""
+    text = time.strftime("* server time %H:%M:%S")
+    for connection in list(nicknames):
+        connection.send(text)
 
 
 def on_chat_start(worker: Worker) -> None:

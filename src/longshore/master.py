@@ -17,9 +17,10 @@ taken while running, one worker process at a time:
 
 Besides the workers, the master may fork helper processes (:class:`Helper`): the
 ``monitor`` (``Worker.metrics_listen``: Prometheus metrics and the status page over
-HTTP) and the ``watcher`` (``start --watch``: a graceful reload when a Python file
-changes). The master itself never runs threads or an event loop (it forks), so
-anything that needs one lives in a helper. Helpers are supervised like workers: their
+HTTP), the ``watcher`` (``start --watch``: a graceful reload when a Python file
+changes) and the ``channel`` hub (:mod:`longshore.channel`, embedded backend: routes
+pub/sub messages between the workers; forked before them). The master itself never
+runs threads or an event loop (it forks), so anything that needs one lives in a helper. Helpers are supervised like workers: their
 exits are logged and counted in the exit table, and they are respawned with back-off.
 They are stopped after the workers.
 """
@@ -282,12 +283,16 @@ class Master:
                     log.info("worker %s runs as %s", worker.name, identity)
                 else:
                     log.warning("worker %s: user/group %s ignored: the master does not run as root", worker.name, identity)
+        self.create_helpers()
+        for helper in self.helpers:
+            if helper.name == "channel":  # before the workers, which connect to it at once
+                self.spawn_helper(helper)
         for index, worker in enumerate(self.workers):
             for worker_id in range(worker.count):
                 self.spawn((index, worker_id))
-        self.create_helpers()
         for helper in self.helpers:
-            self.spawn_helper(helper)
+            if helper.pid is None:
+                self.spawn_helper(helper)
         self.ready_deadline = time.monotonic() + 10.0
         if not self.daemon:
             self.print_banner()
@@ -484,6 +489,11 @@ class Master:
     # -- helper processes ----------------------------------------------------------------
     def create_helpers(self) -> None:
         """The helper processes this configuration asks for."""
+        if "longshore.channel" in sys.modules or Worker.channel is not None:
+            from . import channel
+
+            if channel.needs_hub():
+                self.helpers.append(Helper("channel", channel.hub_target(self.runtime)))
         if self.metrics_socket is not None:
             from .monitor import run_monitor
 

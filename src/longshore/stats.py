@@ -34,11 +34,12 @@ SLOT_SIZE = 512
 _HEADER_PREFIX = struct.Struct("<4sIIQI")
 # seq, pid, worker_id, state, started_at, heartbeat, connections, send_fail, timers,
 # total_request, throw_exception, memory, qps, send_buffer_bytes, bytes_read,
-# bytes_written, busy_since_wall, name, listen
+# bytes_written, busy_since_wall, ..., name, listen, channel_published, channel_delivered,
+# channel_dropped
 _SEQ = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
 _HEADER_SEQ_OFFSET = 12  # magic (4) + version (4) + slot count (4)
-_SLOT = struct.Struct("<QqiidddqqqqqqdqqqqqqQ64s192s")
+_SLOT = struct.Struct("<QqiidddqqqqqqdqqqqqqQ64s192sqqq")
 
 STATE_FREE = 0
 STATE_STARTING = 1
@@ -66,6 +67,9 @@ class ProcessStats:
         "protocol_error",
         "package_too_large",
         "tls_error",
+        "channel_published",
+        "channel_delivered",
+        "channel_dropped",
     )
 
     def __init__(self) -> None:
@@ -83,6 +87,9 @@ class ProcessStats:
         self.protocol_error = 0
         self.package_too_large = 0
         self.tls_error = 0
+        self.channel_published = 0
+        self.channel_delivered = 0
+        self.channel_dropped = 0
 
 
 process_stats = ProcessStats()
@@ -124,6 +131,9 @@ class SlotRecord:
     tls_error: int
     name: str
     listen: str
+    channel_published: int = 0
+    channel_delivered: int = 0
+    channel_dropped: int = 0
 
     @property
     def busy_for(self) -> float:
@@ -293,6 +303,9 @@ _FIELDS = (
     "tls_error",
     "name",
     "listen",
+    "channel_published",
+    "channel_delivered",
+    "channel_dropped",
 )
 _FIELD_INDEX = {name: index for index, name in enumerate(_FIELDS)}
 assert len(_FIELDS) == len(_SLOT.unpack(bytes(_SLOT.size))), "slot layout mismatch"

@@ -61,6 +61,11 @@ def collect(table: StatsTable) -> dict[str, Any]:
                 "package_too_large": record.package_too_large,
                 "connect_fail": record.connect_fail,
                 "tls_error": record.tls_error,
+                "channel": {
+                    "published": record.channel_published,
+                    "delivered": record.channel_delivered,
+                    "dropped": record.channel_dropped,
+                },
                 "send_buffer_bytes": record.send_buffer_bytes,
                 "bytes_read": record.bytes_read,
                 "bytes_written": record.bytes_written,
@@ -72,6 +77,7 @@ def collect(table: StatsTable) -> dict[str, Any]:
     for key in ("connections", "send_fail", "timers", "total_request", "throw_exception", "memory", "send_buffer_bytes", "tls_error"):
         summary[key] = sum(process[key] for process in processes)
     summary["qps"] = round(sum(process["qps"] for process in processes), 1)
+    summary["channel"] = {key: sum(process["channel"][key] for process in processes) for key in ("published", "delivered", "dropped")}
     summary["busy"] = sum(1 for process in processes if process["status"] == "busy")
     return {
         "master": master,
@@ -120,6 +126,7 @@ def render_status(document: dict[str, Any]) -> Group:
     )
     table = Table(box=box.SIMPLE_HEAD, show_footer=True, pad_edge=False)
     summary = document["summary"]
+    show_channel = any(summary.get("channel", {}).values())
     columns = [
         ("pid", "pid", f"{summary['processes']} proc"),
         ("worker", "worker", ""),
@@ -132,6 +139,7 @@ def render_status(document: dict[str, Any]) -> Group:
         ("qps", "qps", f"{summary['qps']:.0f}"),
         ("throw_exception", "exceptions", str(summary["throw_exception"])),
         *([("tls_error", "tls_errors", str(summary["tls_error"]))] if summary.get("tls_error") else []),
+        *([("channel", "channel pub/deliv/drop", _channel_cell(summary["channel"]))] if show_channel else []),
         ("status", "status", f"{summary['busy']} busy" if summary["busy"] else "idle"),
     ]
     for key, heading, footer in columns:
@@ -156,6 +164,7 @@ def render_status(document: dict[str, Any]) -> Group:
             f"{process['qps']:.0f}",
             str(process["throw_exception"]),
             *([str(process.get("tls_error", 0))] if summary.get("tls_error") else []),
+            *([_channel_cell(process["channel"])] if show_channel else []),
             status,
         )
     parts: list[Any] = [title, table]
@@ -168,6 +177,10 @@ def render_status(document: dict[str, Any]) -> Group:
             exits.add_row(row["name"], row["status"], str(row["count"]))
         parts.append(exits)
     return Group(*parts)
+
+
+def _channel_cell(counters: dict[str, int]) -> str:
+    return f"{counters['published']}/{counters['delivered']}/{counters['dropped']}"
 
 
 def print_status(document: dict[str, Any], console: Console | None = None) -> None:

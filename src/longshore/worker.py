@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
@@ -95,6 +96,12 @@ class Worker:
     #: ``"127.0.0.1:9100"``: serve Prometheus metrics (``/metrics``) and a status page
     #: (``/``) from a monitor process; port 0 picks a free port (see ``status``).
     metrics_listen: ClassVar[str | None] = None
+    #: The channel backend (:mod:`longshore.channel`): None or ``"embedded"`` (a hub
+    #: process of the master; started when the start script imports
+    #: ``longshore.channel``), or ``"redis://host:port/db"`` (across machines).
+    channel: ClassVar[str | None] = None
+    #: Namespace of the channel's topics and keys: the same for every instance of one application.
+    channel_prefix: ClassVar[str] = "longshore"
     #: Master hooks (class attributes): called in the master process.
     on_master_start: ClassVar[Callable[[], Any] | None] = None
     on_master_stop: ClassVar[Callable[[], Any] | None] = None
@@ -213,6 +220,11 @@ class Worker:
                     pass
 
 
+def _channel_in_use() -> bool:
+    """True when the application uses :mod:`longshore.channel` (imported, or ``Worker.channel`` set)."""
+    return Worker.channel is not None or "longshore.channel" in sys.modules
+
+
 def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime) -> NoReturn:
     """Entry point of a forked worker process; never returns."""
     code = 1
@@ -311,6 +323,10 @@ class _WorkerProcess:
             loop.add_signal_handler(signum, self.on_signal, action, graceful)
         loop.add_signal_handler(signal.SIGIO, self.dump_connections)
         self.publish()
+        if _channel_in_use():
+            from . import channel
+
+            await channel.start_in_worker(self.runtime)
         if worker.on_worker_start is not None:
             try:
                 result = worker.on_worker_start(worker)
@@ -437,6 +453,10 @@ class _WorkerProcess:
         for connection in list(worker.connections.values()):
             connection.destroy()
         await asyncio.sleep(0)
+        if _channel_in_use():
+            from . import channel
+
+            await channel.stop_in_worker()
         Timer.delete_all()
         self.publish()
         if self.done is not None and not self.done.done():
@@ -484,6 +504,9 @@ class _WorkerProcess:
             package_too_large=process_stats.package_too_large,
             connect_fail=process_stats.connect_fail,
             tls_error=process_stats.tls_error,
+            channel_published=process_stats.channel_published,
+            channel_delivered=process_stats.channel_delivered,
+            channel_dropped=process_stats.channel_dropped,
         )
         if self.done is None or not self.done.done():
             loop.call_later(PUBLISH_INTERVAL, self.publish)

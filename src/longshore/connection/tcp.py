@@ -50,6 +50,10 @@ _connection_ids = itertools.count(1)
 
 _PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
+#: Called with every accepted connection that closes, before its ``on_close`` (the
+#: channel's gateway forgets the connection's uid and groups here).
+close_listeners: list[Callable[[TcpConnection], None]] = []
+
 
 def report_exception(what: str, connection: TcpConnection | None = None) -> None:
     """Log the exception being handled, with its traceback, and count it."""
@@ -241,10 +245,11 @@ class TcpConnection(asyncio.Protocol):
                     result = handler(self, message)
                 except Exception:
                     report_exception("on_message", self)
-                    continue
+                    result = None
                 if result is not None and hasattr(result, "__await__"):
                     self._start_serial(result)
-                    for later in messages[index + 1 :]:  # they run after it, in order
+                if self._serial is not None:  # a coroutine runs now: the rest waits behind it
+                    for later in messages[index + 1 :]:
                         self._queue_serial(handler, (self, later))
                     break
                 if self._state is not ESTABLISHED:
@@ -255,6 +260,10 @@ class TcpConnection(asyncio.Protocol):
                 self._write_cork(cork)
 
     def eof_received(self) -> bool | None:
+        if self._serial is not None:
+            # The peer has finished sending, but callbacks still run: answer them, then close.
+            self._queue_serial(TcpConnection.close, (self,))
+            return True
         return None  # close our side too, once the send buffer is written out
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -267,6 +276,8 @@ class TcpConnection(asyncio.Protocol):
             worker._closed_bytes_read += self.bytes_read
             worker._closed_bytes_written += self.bytes_written
         _stats.connections -= 1
+        for listener in close_listeners:
+            listener(self)
         hook = getattr(self.protocol, "connection_closed", None)
         if hook is not None:
             hook()
@@ -333,11 +344,13 @@ class TcpConnection(asyncio.Protocol):
         self.bytes_written += len(data)
         # What may still wait when the peer goes away: the transport clears its buffer
         # before connection_lost, so keep an estimate (refreshed by the stats publisher).
-        self._unsent_hint = waiting + len(data) if waiting or len(data) > CORK_LIMIT else 0
         transport.write(data)  # type: ignore[union-attr]
+        # What still waits: kept because the transport empties its buffer before
+        # connection_lost, where a peer that went away must be told apart.
+        left = self._unsent_hint = transport.get_write_buffer_size()  # type: ignore[union-attr]
         if cork is not None:
-            self._cork_base = transport.get_write_buffer_size()  # type: ignore[union-attr]
-        return None if waiting else True
+            self._cork_base = left
+        return None if waiting or left else True
 
     def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
         _stats.send_fail += 1
@@ -348,9 +361,8 @@ class TcpConnection(asyncio.Protocol):
         if self._state is CLOSED or self.transport is None:
             return
         self.bytes_written += size
-        if self._cork_base:
-            self._unsent_hint = self._cork_base + size
         self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+        self._unsent_hint = self.transport.get_write_buffer_size()
 
     def _flush_cork(self) -> None:
         cork = self._cork
@@ -549,6 +561,9 @@ class TcpConnection(asyncio.Protocol):
             self.close()
 
     def _start_serial(self, awaitable: Any) -> None:
+        if self._serial is not None:  # one is running: this one waits its turn
+            self._queue_serial(_awaited, (awaitable,))
+            return
         self._serial = collections.deque()
         task = asyncio.get_running_loop().create_task(self._run_serial(awaitable))
         task.add_done_callback(_forget_task)
@@ -589,6 +604,11 @@ class TcpConnection(asyncio.Protocol):
 
 
 _running_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _awaited(awaitable: Any) -> Any:
+    """Queue entry for an awaitable that is already made: the runner awaits it."""
+    return awaitable
 
 
 def _forget_task(task: asyncio.Task[Any]) -> None:

@@ -1,0 +1,391 @@
+"""The embedded channel: a hub process of the master, and each worker's link to it.
+
+The hub is a helper process that the master forks (and respawns) when the
+application uses the channel without Redis. It listens on a Unix socket next to the
+pid file (``.longshore/<script>.channel.sock``; an abstract socket when that path is
+too long for ``sun_path``). Every worker process keeps one connection to it and tells
+it which topics it subscribes to; a message published to a topic goes to the
+subscribed processes only, never back to its sender.
+
+The framing is that of ``frame://``: a 4-byte big-endian length that counts itself,
+then the payload. A payload is one operation byte, a 2-byte topic length, the topic,
+then the operation's body:
+
+====  ===================================  ====================================
+op    worker -> hub                        body
+====  ===================================  ====================================
+S     subscribe to topic                   (none)
+U     unsubscribe from topic               (none)
+P     publish to topic                     the message (hub -> worker: op M)
+C     this process holds N of key          8-byte signed N
+Q     how many of key, in all processes?   4-byte query id (answer: op A, body:
+                                           query id + 8-byte total)
+====  ===================================  ====================================
+
+The links are plain asyncio protocols rather than ``TcpConnection`` objects: they are
+the framework's own plumbing, so they must not appear among the application's
+connections, in its ``send_fail`` or in a graceful stop's wait. A link whose peer does
+not read (more than ``LINK_BUFFER_LIMIT`` bytes waiting) loses messages, and they are
+counted as dropped, like a slow client's.
+
+A worker reconnects after a hub restart with a growing delay (50 ms up to 1 s), then
+subscribes again and re-announces its counts; what was published while it was away is
+lost and, on the publisher's side, counted as dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any, Callable
+
+from .core import ChannelError
+
+log = logging.getLogger("longshore")
+
+LINK_BUFFER_LIMIT = 64 * 1024 * 1024
+MAX_FRAME = 256 * 1024 * 1024
+RETRY_MIN = 0.05
+RETRY_MAX = 1.0
+QUERY_TIMEOUT = 3.0
+
+OP_SUBSCRIBE = ord("S")
+OP_UNSUBSCRIBE = ord("U")
+OP_PUBLISH = ord("P")
+OP_MESSAGE = ord("M")
+OP_COUNT = ord("C")
+OP_QUERY = ord("Q")
+OP_ANSWER = ord("A")
+
+
+def hub_address(pid_file: str) -> str:
+    """Where the hub of the application with this pid file listens."""
+    path = os.path.splitext(pid_file)[0] + ".channel.sock"
+    if len(path.encode()) < 100:
+        return path
+    import hashlib
+
+    return "\0longshore-channel-" + hashlib.sha1(path.encode()).hexdigest()[:20]
+
+
+def pack(op: int, topic: bytes, body: bytes = b"") -> bytes:
+    """One frame: length, op, topic length, topic, body."""
+    length = 4 + 3 + len(topic) + len(body)
+    return length.to_bytes(4, "big") + bytes((op,)) + len(topic).to_bytes(2, "big") + topic + body
+
+
+def split_frames(buffer: bytearray) -> list[bytes]:
+    """Take the complete frames out of ``buffer`` (their payloads)."""
+    frames = []
+    position = 0
+    size = len(buffer)
+    while size - position >= 4:
+        length = int.from_bytes(buffer[position : position + 4], "big")
+        if length < 7 or length > MAX_FRAME:
+            raise ValueError(f"bad channel frame length {length}")
+        if size - position < length:
+            break
+        frames.append(bytes(buffer[position + 4 : position + length]))
+        position += length
+    if position:
+        del buffer[:position]
+    return frames
+
+
+def unpack(frame: bytes) -> tuple[int, bytes, bytes]:
+    """op, topic, body of a frame payload."""
+    topic_end = 3 + int.from_bytes(frame[1:3], "big")
+    return frame[0], frame[3:topic_end], frame[topic_end:]
+
+
+class Link(asyncio.Protocol):
+    """One end of a hub connection; hands complete frames to its owner."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.link_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            frames = split_frames(self.buffer)
+        except ValueError as exc:
+            log.error("channel: %s; closing the link", exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for frame in frames:
+            self.owner.frame_received(self, frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.owner.link_lost(self)
+
+    def write(self, data: bytes) -> bool:
+        """Write one packed frame; False (and nothing written) if the peer is too far behind."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > LINK_BUFFER_LIMIT:
+            return False
+        transport.write(data)
+        return True
+
+
+# -- the hub process -----------------------------------------------------------------
+class Hub:
+    """The routing state of the hub: who subscribes to what, who holds how many of what."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[bytes, set[Link]] = {}
+        self.topics_of: dict[Link, set[bytes]] = {}
+        self.counts: dict[bytes, dict[Link, int]] = {}
+        self.dropped = 0
+        self.routed = 0
+
+    def link_made(self, link: Link) -> None:
+        self.topics_of[link] = set()
+
+    def link_lost(self, link: Link) -> None:
+        for topic in self.topics_of.pop(link, ()):
+            subscribers = self.subscribers.get(topic)
+            if subscribers is not None:
+                subscribers.discard(link)
+                if not subscribers:
+                    del self.subscribers[topic]
+        for key in [key for key, holders in self.counts.items() if link in holders]:
+            holders = self.counts[key]
+            del holders[link]
+            if not holders:
+                del self.counts[key]
+
+    def frame_received(self, link: Link, frame: bytes) -> None:
+        op, topic, body = unpack(frame)
+        if op == OP_PUBLISH:
+            subscribers = self.subscribers.get(topic)
+            if not subscribers:
+                return
+            message = None
+            for subscriber in subscribers:
+                if subscriber is link:
+                    continue
+                if message is None:
+                    message = (len(frame) + 4).to_bytes(4, "big") + bytes((OP_MESSAGE,)) + frame[1:]
+                if subscriber.write(message):
+                    self.routed += 1
+                else:
+                    self.dropped += 1
+        elif op == OP_SUBSCRIBE:
+            self.subscribers.setdefault(topic, set()).add(link)
+            self.topics_of.setdefault(link, set()).add(topic)
+        elif op == OP_UNSUBSCRIBE:
+            subscribers = self.subscribers.get(topic)
+            if subscribers is not None:
+                subscribers.discard(link)
+                if not subscribers:
+                    del self.subscribers[topic]
+            self.topics_of.get(link, set()).discard(topic)
+        elif op == OP_COUNT:
+            count = int.from_bytes(body[:8], "big", signed=True)
+            holders = self.counts.setdefault(topic, {})
+            if count:
+                holders[link] = count
+            else:
+                holders.pop(link, None)
+                if not holders:
+                    del self.counts[topic]
+        elif op == OP_QUERY:
+            total = sum(self.counts.get(topic, {}).values())
+            link.write(pack(OP_ANSWER, b"", body[:4] + total.to_bytes(8, "big", signed=True)))
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def run_hub(address: str) -> int:
+    """Entry point of the hub process: serve until SIGTERM/SIGINT/SIGQUIT."""
+    from ..loop import new_event_loop
+
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("longshore: channel hub")
+    except ImportError:  # pragma: no cover
+        pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # reloads concern the workers
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    hub = Hub()
+
+    async def serve() -> None:
+        stopped = loop.create_future()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(signum, _settle, stopped)
+        if not address.startswith("\0"):
+            try:
+                os.unlink(address)
+            except FileNotFoundError:
+                pass
+        old_mask = os.umask(0o177)
+        try:
+            server = await loop.create_unix_server(lambda: Link(hub), address)
+        finally:
+            os.umask(old_mask)
+        log.debug("channel hub pid %d listening", os.getpid())
+        await stopped
+        server.close()
+        if not address.startswith("\0"):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+        log.debug("channel hub: %d messages routed, %d dropped", hub.routed, hub.dropped)
+
+    try:
+        loop.run_until_complete(serve())
+    finally:
+        loop.close()
+    return 0
+
+
+# -- the worker side -----------------------------------------------------------------
+class EmbeddedBackend:
+    """A worker's connection to the hub (see the module docstring)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.link: Link | None = None
+        self.connected = False
+        self.stopping = False
+        self.topics: set[str] = set()
+        self.counts: dict[str, int] = {}
+        self.queries: dict[int, asyncio.Future[int]] = {}
+        self.next_query = 0
+        self.retry_delay = RETRY_MIN
+        self.ready: asyncio.Event | None = None
+        self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
+        self.on_connected: Callable[[], None] = lambda: None
+
+    async def start(self) -> None:
+        """Connect; wait (up to 2 s) for the hub, which may still be starting."""
+        self.ready = asyncio.Event()
+        self._connect()
+        try:
+            await asyncio.wait_for(self.ready.wait(), 2.0)
+        except asyncio.TimeoutError:
+            log.warning("channel: the hub does not answer yet; retrying in the background")
+
+    def _connect(self) -> None:
+        if not self.stopping:
+            asyncio.get_running_loop().create_task(self._try_connect())
+
+    async def _try_connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_unix_connection(lambda: Link(self), self.address)
+        except OSError as exc:
+            delay, self.retry_delay = self.retry_delay, min(self.retry_delay * 2, RETRY_MAX)
+            log.debug("channel: hub unreachable (%s); retrying in %.2f s", exc.strerror or exc, delay)
+            loop.call_later(delay, self._connect)
+
+    def link_made(self, link: Link) -> None:
+        if self.stopping:
+            if link.transport is not None:
+                link.transport.close()
+            return
+        self.link = link
+        self.connected = True
+        self.retry_delay = RETRY_MIN
+        for topic in self.topics:
+            link.write(pack(OP_SUBSCRIBE, topic.encode()))
+        for key, count in self.counts.items():
+            link.write(pack(OP_COUNT, key.encode(), count.to_bytes(8, "big", signed=True)))
+        if self.ready is not None:
+            self.ready.set()
+        self.on_connected()
+
+    def link_lost(self, link: Link) -> None:
+        if self.link is not link:
+            return
+        self.link = None
+        self.connected = False
+        if self.ready is not None:
+            self.ready.clear()
+        for future in self.queries.values():
+            if not future.done():
+                future.set_exception(ChannelError("the channel hub went away"))
+        self.queries.clear()
+        if not self.stopping:
+            log.warning("channel: lost the hub; reconnecting")
+            asyncio.get_running_loop().call_later(RETRY_MIN, self._connect)
+
+    def frame_received(self, link: Link, frame: bytes) -> None:
+        op, topic, body = unpack(frame)
+        if op == OP_MESSAGE:
+            self.on_message(topic.decode(), body)
+        elif op == OP_ANSWER:
+            future = self.queries.pop(int.from_bytes(body[:4], "big"), None)
+            if future is not None and not future.done():
+                future.set_result(int.from_bytes(body[4:12], "big", signed=True))
+
+    async def stop(self) -> None:
+        """Close the link (the hub forgets this process's subscriptions and counts)."""
+        self.stopping = True
+        link = self.link
+        if link is not None and link.transport is not None:
+            link.transport.close()
+            await asyncio.sleep(0)
+
+    def subscribe(self, topic: str) -> None:
+        if topic not in self.topics:
+            self.topics.add(topic)
+            if self.link is not None:
+                self.link.write(pack(OP_SUBSCRIBE, topic.encode()))
+
+    def unsubscribe(self, topic: str) -> None:
+        if topic in self.topics:
+            self.topics.discard(topic)
+            if self.link is not None:
+                self.link.write(pack(OP_UNSUBSCRIBE, topic.encode()))
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        link = self.link
+        return link is not None and link.write(pack(OP_PUBLISH, topic.encode(), payload))
+
+    def set_count(self, key: str, count: int) -> None:
+        if count:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)
+        if self.link is not None:
+            self.link.write(pack(OP_COUNT, key.encode(), count.to_bytes(8, "big", signed=True)))
+
+    async def get_count(self, key: str) -> int:
+        link = self.link
+        if link is None:
+            raise ChannelError("the channel hub is not connected")
+        self.next_query = (self.next_query + 1) % (1 << 32)
+        query = self.next_query
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.queries[query] = future
+        if not link.write(pack(OP_QUERY, key.encode(), query.to_bytes(4, "big"))):
+            self.queries.pop(query, None)
+            raise ChannelError("the channel hub is not reading")
+        try:
+            return await asyncio.wait_for(future, QUERY_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.queries.pop(query, None)
+            raise ChannelError("the channel hub did not answer") from None
+

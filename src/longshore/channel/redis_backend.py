@@ -1,0 +1,247 @@
+"""The Redis channel: pub/sub and counts through redis-py's asyncio client.
+
+Each worker process holds two Redis connections: one subscribed (pub/sub), read by a
+task that hands every message to the channel, and one for commands, used by a writer
+task that sends what the process publishes in pipelined batches (a broadcast from an
+event loop callback never waits for Redis).
+
+Counts: each process writes how many connections it holds for a key into the hash
+``<prefix>:count:<key>`` (field: its process address) and keeps a key
+``<prefix>:alive:<address>`` with a short expiry alive. A query adds up the fields of
+live processes only, so a process that died without cleaning up stops counting within
+``ALIVE_SECONDS``.
+
+Outages: when the subscribed connection fails, the process marks itself disconnected
+and tries again with a growing delay (50 ms up to 1 s). Once back, it subscribes again
+and rewrites its counts and alive key (Redis may have restarted empty). While
+disconnected, ``publish`` refuses at once (the channel counts the message as
+dropped); a batch that fails to reach Redis is counted as dropped too. Messages that
+others published to this process during the outage are lost: Redis pub/sub keeps
+nothing for an absent subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Callable
+
+from ..stats import process_stats
+from .core import ChannelError
+
+log = logging.getLogger("longshore")
+
+RETRY_MIN = 0.05
+RETRY_MAX = 1.0
+ALIVE_SECONDS = 10
+ALIVE_REFRESH = 3.0
+#: Messages waiting for the writer beyond this are dropped (Redis is too slow).
+OUTBOX_LIMIT = 100_000
+BATCH = 1000
+
+
+class RedisBackend:
+    """A worker's link to Redis (see the module docstring)."""
+
+    def __init__(self, url: str, address: str, prefix: str) -> None:
+        self.url = url
+        self.address = address
+        self.prefix = prefix
+        self.connected = False
+        self.stopping = False
+        self.topics: set[str] = set()
+        self.counts: dict[str, int] = {}
+        self.outbox: deque[tuple[Any, ...]] = deque()
+        self.wake: asyncio.Event | None = None
+        self.ready: asyncio.Event | None = None
+        self.client: Any = None
+        self.pubsub: Any = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.subscribing: set[asyncio.Task[Any]] = set()
+        self.control_topic = f"{prefix}:ctl:{address}"
+        self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
+        self.on_connected: Callable[[], None] = lambda: None
+
+    def _new_client(self) -> Any:
+        import redis.asyncio
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries inside redis-py: a failure must reach this backend, which then
+        # resubscribes and rewrites its counts itself.
+        return redis.asyncio.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2.0)
+
+    async def start(self) -> None:
+        """Start the reader and writer tasks; wait (up to 2 s) for the first connection."""
+        self.wake = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.client = self._new_client()
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._read_loop()), loop.create_task(self._write_loop()), loop.create_task(self._keep_alive())]
+        try:
+            await asyncio.wait_for(self.ready.wait(), 2.0)
+        except asyncio.TimeoutError:
+            log.warning("channel: Redis %s is not reachable yet; retrying in the background", self.url)
+
+    async def stop(self) -> None:
+        """Flush what waits, remove this process's counts, close the connections."""
+        self.stopping = True
+        if self.connected:
+            for key in list(self.counts):
+                self.outbox.append(("hdel", f"{self.prefix}:count:{key}", self.address))
+            self.outbox.append(("delete", f"{self.prefix}:alive:{self.address}"))
+            if self.wake is not None:
+                self.wake.set()
+            for _ in range(100):
+                if not self.outbox:
+                    break
+                await asyncio.sleep(0.01)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for closable in (self.pubsub, self.client):
+            if closable is not None:
+                try:
+                    await closable.aclose()
+                except Exception:
+                    pass
+
+    # -- reading (subscriptions) ---------------------------------------------------
+    async def _read_loop(self) -> None:
+        delay = RETRY_MIN
+        while not self.stopping:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.control_topic, *self.topics)
+                self.pubsub = pubsub
+                await self._resync()
+                self.connected = True
+                delay = RETRY_MIN
+                assert self.ready is not None
+                self.ready.set()
+                log.info("channel: connected to Redis %s", self.url)
+                self.on_connected()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        self.on_message(message["channel"].decode(), message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected:
+                    log.warning("channel: lost Redis %s (%s); reconnecting", self.url, exc)
+                else:
+                    log.debug("channel: Redis %s unreachable (%s)", self.url, exc)
+            finally:
+                self.connected = False
+                self.pubsub = None
+                if self.ready is not None:
+                    self.ready.clear()
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _resync(self) -> None:
+        """Rewrite this process's counts and alive key (Redis may have restarted empty)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(f"{self.prefix}:alive:{self.address}", 1, ex=ALIVE_SECONDS)
+        for key, count in self.counts.items():
+            pipe.hset(f"{self.prefix}:count:{key}", self.address, count)
+        await pipe.execute()
+
+    def subscribe(self, topic: str) -> None:
+        if topic in self.topics:
+            return
+        self.topics.add(topic)
+        if self.pubsub is not None:
+            task = asyncio.get_running_loop().create_task(self._pubsub_call("subscribe", topic))
+            self.subscribing.add(task)
+            task.add_done_callback(self.subscribing.discard)
+
+    def unsubscribe(self, topic: str) -> None:
+        if topic not in self.topics:
+            return
+        self.topics.discard(topic)
+        if self.pubsub is not None:
+            asyncio.get_running_loop().create_task(self._pubsub_call("unsubscribe", topic))
+
+    async def _pubsub_call(self, method: str, topic: str) -> None:
+        pubsub = self.pubsub
+        if pubsub is None:
+            return  # the next connection subscribes to self.topics
+        try:
+            await getattr(pubsub, method)(topic)
+        except Exception as exc:
+            log.debug("channel: %s %s failed (%s); done again on reconnection", method, topic, exc)
+
+    # -- writing (publishing and counts) ---------------------------------------------
+    def publish(self, topic: str, payload: bytes) -> bool:
+        if not self.connected or len(self.outbox) >= OUTBOX_LIMIT:
+            return False
+        self.outbox.append(("publish", topic, payload))
+        assert self.wake is not None
+        self.wake.set()
+        return True
+
+    def set_count(self, key: str, count: int) -> None:
+        if count:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)
+        if not self.connected:
+            return  # written on reconnection
+        if count:
+            self.outbox.append(("hset", f"{self.prefix}:count:{key}", self.address, count))
+        else:
+            self.outbox.append(("hdel", f"{self.prefix}:count:{key}", self.address))
+        assert self.wake is not None
+        self.wake.set()
+
+    async def _write_loop(self) -> None:
+        assert self.wake is not None
+        outbox = self.outbox
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while outbox:
+                if self.subscribing:
+                    # A count announces members only once their topic is subscribed: whoever
+                    # sees the count may send to them at once.
+                    await asyncio.gather(*list(self.subscribing), return_exceptions=True)
+                batch = [outbox.popleft() for _ in range(min(BATCH, len(outbox)))]
+                pipe = self.client.pipeline(transaction=False)
+                for command in batch:
+                    getattr(pipe, command[0])(*command[1:])
+                try:
+                    await pipe.execute()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    lost = sum(1 for command in batch if command[0] == "publish")
+                    process_stats.channel_dropped += lost
+                    log.warning("channel: %d message(s) to Redis lost (%s)", lost, exc)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(ALIVE_REFRESH)
+            if self.connected:
+                self.outbox.append(("set", f"{self.prefix}:alive:{self.address}", 1, ALIVE_SECONDS))
+                assert self.wake is not None
+                self.wake.set()
+
+    # -- counts ----------------------------------------------------------------------
+    async def get_count(self, key: str) -> int:
+        if not self.connected:
+            raise ChannelError(f"Redis {self.url} is not connected")
+        try:
+            values = await self.client.hgetall(f"{self.prefix}:count:{key}")
+            others = [field for field in values if field.decode() != self.address]
+            alive = await self.client.mget([f"{self.prefix}:alive:{field.decode()}" for field in others]) if others else []
+        except Exception as exc:
+            raise ChannelError(f"Redis {self.url}: {exc}") from exc
+        total = sum(int(values[field]) for field, live in zip(others, alive) if live is not None)
+        return total + self.counts.get(key, 0)

@@ -1,0 +1,473 @@
+"""Channels and groups: pub/sub and connection addressing across worker processes
+(embedded hub) and across instances (a real redis-server), with real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import wait_for
+
+CHAT = """
+from longshore import channel
+
+w = Worker("text://127.0.0.1:0", count=int(os.environ.get("COUNT", "4")), name="chat", reuse_port=True)
+if os.environ.get("CHANNEL"):
+    Worker.channel = os.environ["CHANNEL"]
+readers = set()
+
+def on_connect(conn):
+    conn.send("id " + channel.client_id(conn))
+
+async def on_message(conn, line):
+    cmd, _, rest = line.partition(" ")
+    arg, _, text = rest.partition(" ")
+    if cmd == "uid":
+        channel.bind_uid(conn, arg); conn.send("ok")
+    elif cmd == "join":
+        channel.join_group(conn, arg); conn.send("ok")
+    elif cmd == "leave":
+        channel.leave_group(conn, arg); conn.send("ok")
+    elif cmd == "touid":
+        channel.send_to_uid(arg, text)
+    elif cmd == "togroup":
+        channel.send_to_group(arg, text)
+    elif cmd == "togroupx":
+        channel.send_to_group(arg, text, exclude=conn)
+    elif cmd == "toclient":
+        channel.send_to_client(arg, text)
+    elif cmd == "toall":
+        channel.send_to_all(rest)
+    elif cmd == "online":
+        try:
+            conn.send(f"online {arg} {await channel.is_online(arg)}")
+        except channel.ChannelError as exc:
+            conn.send(f"online {arg} error")
+    elif cmd == "uids":
+        conn.send(f"uids {arg} {await channel.uid_count(arg)}")
+    elif cmd == "count":
+        try:
+            conn.send(f"count {arg} {await channel.group_count(arg)}")
+        except channel.ChannelError:
+            conn.send(f"count {arg} error")
+    elif cmd == "sub":
+        readers.add(conn); conn.send("ok")
+    elif cmd == "unsub":
+        channel.unsubscribe("news"); conn.send("ok")
+    elif cmd == "pub":
+        channel.publish("news", {"text": rest, "from": os.getpid()})
+
+def on_news(topic, message):
+    for conn in list(readers):
+        conn.send(f"news {message['text']}")
+
+def on_close(conn):
+    readers.discard(conn)
+
+channel.subscribe("news", on_news)
+w.on_connect = on_connect
+w.on_message = on_message
+w.on_close = on_close
+"""
+
+
+class Client:
+    """A line client of the chat app."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_id: str) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.id = client_id
+        self.pid = int(client_id.split("-")[2], 16)
+        self.instance = client_id.rsplit("-", 2)[0]
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        line = (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
+        assert line.startswith("id "), line
+        return cls(reader, writer, line[3:])
+
+    def send(self, line: str) -> None:
+        self.writer.write(line.encode() + b"\n")
+
+    async def line(self, timeout: float = 5.0) -> str:
+        return (await asyncio.wait_for(self.reader.readline(), timeout)).decode().rstrip("\n")
+
+    async def ask(self, line: str) -> str:
+        self.send(line)
+        return await self.line()
+
+    async def silent(self, timeout: float = 0.3) -> bool:
+        try:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+        except asyncio.TimeoutError:
+            return True
+        raise AssertionError(f"unexpected line {line!r}")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def spread(port: int, processes: int, limit: int = 400) -> list[Client]:
+    """Open connections until ``processes`` different worker processes hold one; return
+    one client per process (the others are closed)."""
+    chosen: dict[int, Client] = {}
+    extra: list[Client] = []
+    for _ in range(limit // 20):
+        # connections arriving together spread over the processes better than one by one
+        for client in await asyncio.gather(*(Client.open(port) for _ in range(20))):
+            if client.pid in chosen:
+                extra.append(client)
+            else:
+                chosen[client.pid] = client
+        if len(chosen) == processes:
+            break
+    for client in extra:
+        client.close()
+    assert len(chosen) == processes, f"connections reached only {len(chosen)} processes"
+    return list(chosen.values())
+
+
+async def exercise(a: Client, b: Client, c: Client, tag: str) -> None:
+    """Every addressing call, from ``a`` towards clients held by other processes."""
+    assert await b.ask(f"uid bob{tag}") == "ok"
+    assert await c.ask(f"uid bob{tag}") == "ok"
+    await wait_for_answer(a, f"online bob{tag}", f"online bob{tag} True")  # counts settle within milliseconds
+    await wait_for_answer(a, f"uids bob{tag}", f"uids bob{tag} 2")
+    assert await a.ask(f"online nobody{tag}") == f"online nobody{tag} False"
+    a.send(f"touid bob{tag} hi bob")
+    assert await b.line() == "hi bob" and await c.line() == "hi bob"
+    a.send(f"toclient {c.id} only c")
+    assert await c.line() == "only c"
+    assert await b.silent()
+    for client in (a, b, c):
+        assert await client.ask(f"join room{tag}") == "ok"
+    await wait_for_answer(b, f"count room{tag}", f"count room{tag} 3")
+    a.send(f"togroup room{tag} hello room")
+    for client in (a, b, c):
+        assert await client.line() == "hello room"
+    b.send(f"togroupx room{tag} not to b")
+    assert await a.line() == "not to b" and await c.line() == "not to b"
+    assert await b.silent()
+    assert await c.ask(f"leave room{tag}") == "ok"
+    await wait_for_answer(a, f"count room{tag}", f"count room{tag} 2")
+    a.send(f"togroup room{tag} after leave")
+    assert await a.line() == "after leave" and await b.line() == "after leave"
+    assert await c.silent()
+    for client in (a, b, c):
+        assert await client.ask("sub") == "ok"
+    c.send(f"pub flash{tag}")
+    for client in (a, b, c):
+        assert await client.line() == f"news flash{tag}"
+
+
+def test_embedded_channel_across_four_workers(app_factory):
+    """Pub/sub and every addressing call between the 4 workers of one master; a group
+    of 1,000 connections spread over them gets one broadcast; the counters show it."""
+    app = app_factory(CHAT).start()
+    port = app.port()
+    assert "channel" in [helper["name"] for helper in app.status()["master"]["helpers"]]
+
+    async def main() -> None:
+        a, b, c, d = await spread(port, 4)
+        await exercise(a, b, c, "1")
+        d.send("toall to everyone")
+        for client in (a, b, c, d):
+            assert await client.line() == "to everyone"
+        b.close()
+        await asyncio.sleep(0.3)
+        assert await a.ask("online bob1") == "online bob1 True"  # c is still bob1
+        c.close()
+        await wait_for_answer(a, "online bob1", "online bob1 False")
+        assert await a.ask("unsub") == "ok"  # a's process no longer hears "news"
+        assert await d.ask("sub") == "ok"
+        d.send("pub late")
+        assert await d.line() == "news late"
+        assert await a.silent()
+        a.close()
+        d.close()
+
+        # 1,000 connections over the 4 workers, one group, one broadcast
+        clients = await asyncio.gather(*(Client.open(port) for _ in range(1000)))
+        for client in clients:
+            client.send("join big")
+        await asyncio.gather(*(expect(client, "ok") for client in clients))
+        assert len({client.pid for client in clients}) == 4
+        assert await clients[0].ask("count big") == "count big 1000"
+        started = time.monotonic()
+        clients[-1].send("togroup big broadcast!")
+        await asyncio.gather(*(expect(client, "broadcast!") for client in clients))
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, elapsed
+        for client in clients:
+            client.close()
+
+    asyncio.run(main())
+    document = wait_for(lambda: _with_delivered(app.status(), 1000), what="channel counters")
+    per_process = [process["channel"]["delivered"] for process in document["processes"]]
+    assert all(delivered > 0 for delivered in per_process), per_process
+    assert sum(process["channel"]["published"] for process in document["processes"]) >= 9
+    assert "pub/deliv/drop" in app.cli("status").stdout
+
+
+def test_embedded_hub_restart_and_reload(app_factory):
+    """The workers reconnect to a respawned hub, and new workers after a reload join in."""
+    app = app_factory(CHAT)
+    app.env["COUNT"] = "2"
+    port = app.start().port()
+    hub_pid = next(helper["pid"] for helper in app.status()["master"]["helpers"] if helper["name"] == "channel")
+    os.kill(hub_pid, signal.SIGKILL)
+    wait_for(lambda: _hub_pid(app) not in (None, hub_pid), what="a new hub")
+
+    async def round_trip(tag: str) -> None:
+        a, b = await spread(port, 2)
+        for client in (a, b):
+            assert await client.ask(f"join r{tag}") == "ok"
+        await wait_for_answer(a, f"count r{tag}", f"count r{tag} 2")
+        a.send(f"togroup r{tag} across {tag}")
+        assert await a.line() == f"across {tag}" and await b.line() == f"across {tag}"
+        a.close()
+        b.close()
+
+    asyncio.run(round_trip("hub"))
+    assert any(row["name"] == "channel" and row["status"] == "killed by SIGKILL" for row in app.status()["exits"])
+    old = {process["pid"] for process in app.processes("chat")}
+    app.cli("reload")
+    wait_for(lambda: not old & {p["pid"] for p in app.wait_running(2, "chat")}, what="reloaded workers")
+    asyncio.run(round_trip("reload"))
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_channel_across_instances(app_factory, tmp_path):
+    """Two instances (different ports) sharing one Redis: every call crosses between
+    them; Redis is killed and restarted mid-test, and the instances carry on."""
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    try:
+        apps = []
+        for _ in range(2):
+            app = app_factory(CHAT)
+            app.env["CHANNEL"] = f"redis://127.0.0.1:{redis_port}/0"
+            app.env["COUNT"] = "2"
+            apps.append(app.start())
+        ports = [app.port() for app in apps]
+        assert "channel" not in [helper["name"] for helper in apps[0].status()["master"]["helpers"]]
+
+        async def first() -> list[Client]:
+            a, a2 = await spread(ports[0], 2)
+            b, c = await spread(ports[1], 2)
+            assert a.instance != b.instance and b.instance == c.instance
+            await exercise(a, b, c, "x")
+            a2.send("toall all instances")
+            for client in (a, a2, b, c):
+                assert await client.line() == "all instances"
+            return [a, a2, b, c]
+
+        async def outage(clients: list[Client]) -> None:
+            a, a2, b, c = clients
+            nonlocal redis
+            redis.kill()
+            redis.wait()
+            await asyncio.sleep(0.5)
+            a.send("togroup roomx during outage")  # members: a (this instance), b (the other)
+            assert await a.line() == "during outage"  # the local member still gets it
+            assert await b.silent(0.5)  # lost for the other instance
+            assert await a.ask("count roomx") == "count roomx error"
+            redis = _start_redis(redis_port, tmp_path)
+            # Redis came back empty: the processes resubscribe and re-announce their counts
+            await wait_for_answer(a, "count roomx", "count roomx 2", timeout=15)
+            await wait_for_answer(c, "online bobx", "online bobx True")
+            a.send("togroup roomx after outage")
+            assert await a.line() == "after outage" and await b.line() == "after outage"
+            c.send(f"toclient {a2.id} direct again")
+            assert await a2.line() == "direct again"
+            for client in clients:
+                client.close()
+
+        async def big_group() -> None:
+            # 1,000 connections over the 4 workers of the two instances
+            clients = await asyncio.gather(*(Client.open(ports[index % 2]) for index in range(1000)))
+            for client in clients:
+                client.send("join big")
+            await asyncio.gather(*(expect(client, "ok") for client in clients))
+            assert len({client.pid for client in clients}) == 4
+            await wait_for_answer(clients[1], "count big", "count big 1000")
+            clients[0].send("togroup big over redis")
+            await asyncio.gather(*(expect(client, "over redis") for client in clients))
+            for client in clients:
+                client.close()
+
+        async def main() -> None:
+            clients = await first()
+            await outage(clients)
+            await big_group()
+
+        asyncio.run(main())
+        dropped = wait_for(
+            lambda: sum(p["channel"]["dropped"] for p in apps[0].status()["processes"]) or None, what="dropped counted"
+        )
+        assert dropped >= 1
+    finally:
+        redis.kill()
+        redis.wait()
+
+
+# -- helpers ---------------------------------------------------------------------------
+async def expect(client: Client, line: str) -> None:
+    got = await client.line(timeout=20)
+    assert got == line, (got, line)
+
+
+async def wait_for_answer(client: Client, question: str, answer: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await client.ask(question)
+        if got == answer:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{question!r}: {got!r}, expected {answer!r}")
+        await asyncio.sleep(0.1)
+
+
+def _with_delivered(document, minimum):
+    total = sum(process["channel"]["delivered"] for process in document["processes"])
+    return document if total >= minimum else None
+
+
+def _hub_pid(app):
+    for helper in app.status()["master"]["helpers"]:
+        if helper["name"] == "channel":
+            return helper["pid"]
+    return None
+
+
+def _free_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def _start_redis(port: int, folder) -> subprocess.Popen:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, what="redis-server")
+    return process
+
+
+# -- the demo ----------------------------------------------------------------------------
+def _start_demo(folder, **extra: str):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    folder.mkdir()
+    script = folder / "start.py"
+    shutil.copy(root / "examples" / "chat" / "start.py", script)
+    env = {**os.environ, "CHAT_PORT": "0", "CHAT_WS_PORT": "0", "CHAT_PUSH_INTERVAL": "0", **extra}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=60, check=True)
+
+    cli("start", "-d")
+    document = json.loads(cli("status", "--json").stdout)
+    port = next(int(w["listen"].rsplit(":", 1)[1]) for w in document["workers"] if w["name"] == "chat")
+    return cli, port, document
+
+
+async def _demo_clients(url: str, count: int) -> list:
+    from websockets.asyncio.client import connect as ws_connect
+
+    clients = await asyncio.gather(*(ws_connect(url, max_queue=None) for _ in range(count)))
+    for client in clients:
+        assert (await asyncio.wait_for(client.recv(), 5)).startswith("welcome, guest")
+    return list(clients)
+
+
+async def _demo_expect(client, text: str) -> None:
+    while True:
+        line = await asyncio.wait_for(client.recv(), 5)
+        if line == text:
+            return
+
+
+def test_demo_chat_four_processes_and_two_instances(tmp_path):
+    """The README demo: 4 chat processes share one room (embedded channel); then two
+    copies on different ports share one Redis and their users talk to each other."""
+    cli, port, document = _start_demo(tmp_path / "one")
+    try:
+        assert len([p for p in document["processes"] if p["name"] == "chat"]) == 4
+
+        async def one_instance() -> None:
+            clients = await _demo_clients(f"ws://127.0.0.1:{port}/", 24)
+            await clients[0].send("/nick alice")
+            await clients[0].send("hello everyone")
+            await asyncio.gather(*(_demo_expect(client, "<alice> hello everyone") for client in clients[1:]))
+            await clients[1].send("/who")
+            while not (line := await asyncio.wait_for(clients[1].recv(), 5)).startswith("* 24 here"):
+                pass
+            for client in clients:
+                await client.close()
+
+        asyncio.run(one_instance())
+
+        def delivered() -> list[int] | None:
+            counts = [p["channel"]["delivered"] for p in json.loads(cli("status", "--json").stdout)["processes"]]
+            return counts if sum(counts) >= 23 else None
+
+        counts = wait_for(delivered, what="delivered counters")
+        assert len([count for count in counts if count]) >= 2, counts  # the room spans processes
+    finally:
+        cli("stop")
+    if shutil.which("redis-server") is None:
+        return
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    clis = []
+    try:
+        ports = []
+        for name in ("a", "b"):
+            cli, port, _ = _start_demo(tmp_path / name, CHAT_CHANNEL=url, CHAT_PROCESSES="2")
+            clis.append(cli)
+            ports.append(port)
+
+        async def two_instances() -> None:
+            first = await _demo_clients(f"ws://127.0.0.1:{ports[0]}/", 4)
+            second = await _demo_clients(f"ws://127.0.0.1:{ports[1]}/", 4)
+            await first[0].send("/nick ann")
+            await first[0].send("from instance a")
+            await asyncio.gather(*(_demo_expect(client, "<ann> from instance a") for client in first[1:] + second))
+            await second[0].send("/nick ben")
+            await second[0].send("from instance b")
+            await asyncio.gather(*(_demo_expect(client, "<ben> from instance b") for client in first + second[1:]))
+            for client in first + second:
+                await client.close()
+
+        asyncio.run(two_instances())
+    finally:
+        for cli in clis:
+            cli("stop")
+        redis.kill()
+        redis.wait()
