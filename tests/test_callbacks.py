@@ -204,3 +204,23 @@ w.on_message = on_message
     waited, line = read_lines(sock, 1)[0].split(" ")
     assert line == "early"
     assert float(waited) >= 0.9  # read only once resume_recv ran
+
+
+def test_async_answer_reaches_a_client_that_half_closed(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="halfclose")
+
+async def on_message(conn, line):
+    await asyncio.sleep(0.2)
+    conn.send("echo " + line)
+
+w.on_message = on_message
+"""
+    ).start()
+    sock = connect(app.port())
+    sock.sendall(b"one\ntwo\n")
+    sock.shutdown(socket.SHUT_WR)  # done sending; still reading
+    assert read_lines(sock, 2) == ["echo one", "echo two"]
+    assert is_closed(sock)  # then the server closes its side
+    assert app.processes()[0]["send_fail"] == 0

@@ -198,14 +198,14 @@ def test_send_returns_true_none_false(app_factory):
         RECORDER
         + """
 w = Worker("tcp://127.0.0.1:0", name="ret")
-w_conn = {}
 
 def on_message(conn, data):
     if data.startswith(b"fill"):
         conn.max_send_buffer_size = 100_000
-        first = conn.send(b"x" * 4_000_000)      # nothing waits: accepted whole
-        second = conn.send(b"y" * 10)            # behind it: queued... or refused past the limit
-        results["send"] = [first, second, conn.send_buffer_size > 0]
+        small = conn.send(b"s" * 10)             # written to the socket at once
+        big = conn.send(b"x" * 4_000_000)        # accepted whole, most of it waits
+        refused = conn.send(b"y" * 10)           # the buffer is past its limit: dropped
+        results["send"] = [small, big, refused, conn.send_buffer_size > 0]
         save()
 
 w.on_message = on_message
@@ -214,9 +214,10 @@ w.on_message = on_message
     sock = connect(app.port(), rcvbuf=4096)
     sock.sendall(b"fill")
     wait_for(lambda: (app.folder / "results.json").exists(), what="results")
-    first, second, waiting = app.read_json("results.json")["send"]
-    assert first is True
-    assert second is False  # 4 MB wait, far past a 100 kB limit
+    small, big, refused, waiting = app.read_json("results.json")["send"]
+    assert small is True
+    assert big is None  # queued: the socket took only part of 4 MB
+    assert refused is False  # 4 MB wait, far past a 100 kB limit
     assert waiting
     sock.close()
 
