@@ -21,14 +21,20 @@ class TextProtocol(Protocol):
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
-        self._partial = b""
+        self._partial: bytes | bytearray = b""
 
     def buffered(self) -> int:
         return len(self._partial)
 
     def feed(self, data: bytes) -> list[Any]:
-        if self._partial:
-            data = self._partial + data
+        partial = self._partial
+        if partial:
+            if b"\n" not in data:  # a long line still arriving: grow it in place
+                partial += data
+                if len(partial) > self.connection.max_package_size:
+                    raise PackageTooLarge("line longer than max_package_size")
+                return []
+            data = bytes(partial) + data
         if data[-1:] == b"\n":  # the usual case: the chunk ends at a line end
             self._partial = b""
         else:
@@ -36,9 +42,9 @@ class TextProtocol(Protocol):
             if end < 0:
                 if len(data) > self.connection.max_package_size:
                     raise PackageTooLarge("line longer than max_package_size")
-                self._partial = data
+                self._partial = bytearray(data)
                 return []
-            self._partial = data[end + 1 :]
+            self._partial = bytearray(data[end + 1 :])
             data = data[: end + 1]
         limit = self.connection.max_package_size
         if len(data) > limit or len(self._partial) > limit:
