@@ -47,6 +47,8 @@ class AsyncTcpConnection(TcpConnection):
     """
 
     __slots__ = (
+        "_connect_task",
+        "_was_full",
         "remote_url",
         "_target",
         "_protocol_class",
@@ -110,16 +112,20 @@ class AsyncTcpConnection(TcpConnection):
         self._pending: list[bytes | bytearray] = []
         self._pending_size = 0
         self._reconnect_handle: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._was_full = False
         self._reconnect_after_close: float | None = None
 
     def connect(self) -> None:
         """Start connecting (returns at once; ``on_connect`` or ``on_error`` follows)."""
         if self._state is ESTABLISHED or self._state is CLOSING:
             return
+        if self._connect_task is not None and not self._connect_task.done():
+            return  # an attempt is under way
         loop = asyncio.get_running_loop()
         self._state = CONNECTING
         self._reconnect_handle = None
-        loop.create_task(self._connect())
+        self._connect_task = loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -156,13 +162,16 @@ class AsyncTcpConnection(TcpConnection):
         if self._state is CLOSED:  # closed by the application while connecting
             transport.close()
             return
-        was_full, self._buffer_full = self._buffer_full, False
+        self._was_full, self._buffer_full = self._buffer_full, False
         self.reconnect_attempts = 0
         super().connection_made(transport)
+
+    def _established(self) -> None:
+        # What was sent while connecting goes first, before anything on_connect sends.
         pending, self._pending, self._pending_size = self._pending, [], 0
         if pending:
-            transport.write(b"".join(pending))  # type: ignore[attr-defined]
-        if was_full and not self._buffer_full:
+            self.transport.write(b"".join(pending))  # type: ignore[union-attr]
+        if self._was_full and not self._buffer_full:
             self.resume_writing()  # what waited is on its way: let a paused source go on
 
     def _write_ignoring_limit(self, data: bytes | bytearray) -> None:

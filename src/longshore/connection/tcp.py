@@ -200,9 +200,13 @@ class TcpConnection(asyncio.Protocol):
         if worker is not None:
             worker.connections[self.id] = self
         _stats.connections += 1
+        self._established()
         handler = self._handlers.on_connect
         if handler is not None:
             self._call(handler, "on_connect", self)
+
+    def _established(self) -> None:
+        """Hook for subclasses: the connection is up, ``on_connect`` is next."""
 
     def data_received(self, data: bytes) -> None:
         self.bytes_read += len(data)
