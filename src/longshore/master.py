@@ -493,7 +493,8 @@ class Master:
             from . import channel
 
             if channel.needs_hub():
-                self.helpers.append(Helper("channel", channel.hub_target(self.runtime)))
+                owners = [(identity.uid, identity.gid) for identity in self.worker_identities()]
+                self.helpers.append(Helper("channel", channel.hub_target(self.runtime, owners)))
         if self.metrics_socket is not None:
             from .monitor import run_monitor
 

@@ -25,6 +25,8 @@ metric                                   type        ``status`` column
 ``longshore_tls_errors_total``           counter     tls_error
 ``longshore_bytes_read_total``           counter     bytes_read
 ``longshore_bytes_written_total``        counter     bytes_written
+``longshore_channel_messages_total``     counter     channel (label ``kind``: published,
+                                                     delivered, dropped)
 ``longshore_worker_exits_total``         counter     exits (labels ``worker``, ``status``)
 ``longshore_master_memory_bytes``        gauge       master memory
 ``longshore_master_start_time_seconds``  gauge       master start time
@@ -102,6 +104,13 @@ def families(document: dict[str, Any]) -> Iterator[Metric]:
         for process in processes:
             family.add_metric(labels(process), float(process[field]))
         yield family
+    channel = CounterMetricFamily(
+        "longshore_channel_messages", "Channel messages of the process, by kind: published, delivered, dropped.", labels=[*PROCESS_LABELS, "kind"]
+    )
+    for process in processes:
+        for kind, value in process.get("channel", {}).items():
+            channel.add_metric([*labels(process), kind], float(value))
+    yield channel
     exits = CounterMetricFamily("longshore_worker_exits", "Exited worker (and helper) processes, by exit status.", labels=["worker", "status"])
     for row in document["exits"]:
         exits.add_metric([row["name"], row["status"]], float(row["count"]))

@@ -89,12 +89,13 @@ def needs_hub() -> bool:
     return in_use() and _setting() == "embedded"
 
 
-def hub_target(runtime: Runtime) -> Callable[[], int]:
-    """The hub process's entry point, for the master."""
+def hub_target(runtime: Runtime, owners: list[tuple[int, int]] | None = None) -> Callable[[], int]:
+    """The hub process's entry point, for the master. ``owners``: the (uid, gid) the
+    workers run as, when not the master's own: they must be able to connect."""
     from .embedded import hub_address, run_hub
 
     address = hub_address(runtime.pid_file)
-    return lambda: run_hub(address)
+    return lambda: run_hub(address, owners or [])
 
 
 async def start_in_worker(runtime: Runtime) -> None:

@@ -211,8 +211,13 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def run_hub(address: str) -> int:
-    """Entry point of the hub process: serve until SIGTERM/SIGINT/SIGQUIT."""
+def run_hub(address: str, owners: list[tuple[int, int]] | None = None) -> int:
+    """Entry point of the hub process: serve until SIGTERM/SIGINT/SIGQUIT.
+
+    The socket file is readable and writable by its owner only; when the workers run as
+    another user (``owners``), it is given to that user, or opened to everyone when they
+    run as several users.
+    """
     from ..loop import new_event_loop
 
     try:
@@ -243,6 +248,11 @@ def run_hub(address: str) -> int:
             server = await loop.create_unix_server(lambda: Link(hub), address)
         finally:
             os.umask(old_mask)
+        if owners and not address.startswith("\0"):
+            if len(set(owners)) == 1:
+                os.chown(address, *owners[0])
+            else:
+                os.chmod(address, 0o666)
         log.debug("channel hub pid %d listening", os.getpid())
         await stopped
         server.close()
