@@ -24,6 +24,7 @@ w = Worker("text://127.0.0.1:0", count=int(os.environ.get("COUNT", "4")), name="
 if os.environ.get("CHANNEL"):
     Worker.channel = os.environ["CHANNEL"]
 readers = set()
+TcpConnection.default_max_send_buffer_size = int(os.environ.get("SEND_BUFFER", str(1 << 20)))
 
 def on_connect(conn):
     conn.send("id " + channel.client_id(conn))
@@ -63,6 +64,9 @@ async def on_message(conn, line):
         readers.add(conn); conn.send("ok")
     elif cmd == "unsub":
         channel.unsubscribe("news"); conn.send("ok")
+    elif cmd == "flood":
+        for index in range(int(arg)):
+            channel.send_to_group("flood", f"{index:06d}" + "x" * int(text))
     elif cmd == "pub":
         channel.publish("news", {"text": rest, "from": os.getpid()})
 
@@ -245,6 +249,44 @@ def test_embedded_hub_restart_and_reload(app_factory):
     app.cli("reload")
     wait_for(lambda: not old & {p["pid"] for p in app.wait_running(2, "chat")}, what="reloaded workers")
     asyncio.run(round_trip("reload"))
+
+
+def test_slow_group_member_is_dropped_not_waited_for(app_factory):
+    """A member that stops reading loses its copies (send_fail, channel dropped); the
+    others, in this process and in others, get every message."""
+    app = app_factory(CHAT)
+    app.env["COUNT"] = "2"
+    app.env["SEND_BUFFER"] = str(256 * 1024)
+    port = app.start().port()
+
+    async def main() -> None:
+        fast = await spread(port, 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow = Client(reader, writer, (await reader.readline()).decode().strip()[3:])
+        for client in (*fast, slow):
+            assert await client.ask("join flood") == "ok"
+        await wait_for_answer(fast[0], "count flood", "count flood 3")
+        sender = fast[0]
+        for burst in range(40):  # 40 bursts of 20 x 10 KB: 8 MB for each member
+            sender.send("flood 20 10000")
+            for client in fast:
+                for index in range(20):
+                    line = await client.line()
+                    assert line.startswith(f"{index:06d}") and len(line) == 10006, line[:20]
+        for client in (*fast, slow):
+            client.close()
+
+    asyncio.run(main())
+
+    def counted():
+        processes = app.status()["processes"]
+        send_fail = sum(p["send_fail"] for p in processes)
+        dropped = sum(p["channel"]["dropped"] for p in processes)
+        return (send_fail, dropped) if send_fail and dropped else None
+
+    send_fail, dropped = wait_for(counted, what="the slow member's drops counted")
+    assert dropped >= 1 and send_fail >= dropped
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
