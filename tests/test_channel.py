@@ -447,6 +447,20 @@ async def _demo_clients(url: str, count: int) -> list:
     return list(clients)
 
 
+async def _demo_room_size(client, size: int) -> None:
+    """Ask ``/who`` until the room counts ``size`` (counts settle within milliseconds)."""
+    deadline = time.monotonic() + 10
+    while True:
+        await client.send("/who")
+        while not (line := await asyncio.wait_for(client.recv(), 5)).startswith("* "):
+            pass
+        if line.startswith(f"* {size} here"):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(line)
+        await asyncio.sleep(0.05)
+
+
 async def _demo_expect(client, text: str) -> None:
     while True:
         line = await asyncio.wait_for(client.recv(), 5)
@@ -463,12 +477,10 @@ def test_demo_chat_four_processes_and_two_instances(tmp_path):
 
         async def one_instance() -> None:
             clients = await _demo_clients(f"ws://127.0.0.1:{port}/", 24)
+            await _demo_room_size(clients[1], 24)
             await clients[0].send("/nick alice")
             await clients[0].send("hello everyone")
             await asyncio.gather(*(_demo_expect(client, "<alice> hello everyone") for client in clients[1:]))
-            await clients[1].send("/who")
-            while not (line := await asyncio.wait_for(clients[1].recv(), 5)).startswith("* 24 here"):
-                pass
             for client in clients:
                 await client.close()
 
@@ -498,6 +510,7 @@ def test_demo_chat_four_processes_and_two_instances(tmp_path):
         async def two_instances() -> None:
             first = await _demo_clients(f"ws://127.0.0.1:{ports[0]}/", 4)
             second = await _demo_clients(f"ws://127.0.0.1:{ports[1]}/", 4)
+            await _demo_room_size(first[0], 8)  # every process has subscribed to the room
             await first[0].send("/nick ann")
             await first[0].send("from instance a")
             await asyncio.gather(*(_demo_expect(client, "<ann> from instance a") for client in first[1:] + second))
