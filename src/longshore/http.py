@@ -5,40 +5,5 @@ See :mod:`longshore.protocols.http` for the protocol itself.
 
 from __future__ import annotations
 
-from .protocols.http import (
-    Chunk,
-    EventStream,
-    FileResponse,
-    FileSessionStore,
-    Headers,
-    HttpProtocol,
-    MultiDict,
-    RedisSessionStore,
-    Request,
-    Response,
-    ServerSentEvent,
-    Session,
-    SessionStore,
-    UploadedFile,
-    configure_sessions,
-    format_cookie,
-)
-
-__all__ = [
-    "Chunk",
-    "EventStream",
-    "FileResponse",
-    "FileSessionStore",
-    "Headers",
-    "HttpProtocol",
-    "MultiDict",
-    "RedisSessionStore",
-    "Request",
-    "Response",
-    "ServerSentEvent",
-    "Session",
-    "SessionStore",
-    "UploadedFile",
-    "configure_sessions",
-    "format_cookie",
-]
+from .protocols.http import *  # noqa: F403  (the same names, one import path shorter)
+from .protocols.http import __all__ as __all__

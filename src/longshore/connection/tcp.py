@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PACKAGE_TOO_LARGE, SEND_FAIL, ProtocolError
 from ..stats import process_stats as _stats
+from .address import RemoteAddress, format_address
 
 if TYPE_CHECKING:
     from ..protocols.base import Protocol
@@ -95,7 +96,7 @@ def _handler_property(name: str) -> property:
     return property(get, set, doc=f"This connection's ``{name}`` callback (defaults to its worker's).")
 
 
-class TcpConnection(asyncio.Protocol):
+class TcpConnection(RemoteAddress, asyncio.Protocol):
     """A stream connection accepted by a worker.
 
     ``send(data)`` returns True when the data went straight to the socket, None when it
@@ -502,32 +503,9 @@ class TcpConnection(asyncio.Protocol):
 
     # -- addresses -----------------------------------------------------------------------
     @property
-    def remote_address(self) -> str:
-        """``ip:port`` of the peer (``[ip]:port`` for IPv6; the path for Unix sockets)."""
-        remote = self._remote
-        if isinstance(remote, tuple):
-            host, port = remote[0], remote[1]
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return str(remote or "")
-
-    @property
-    def remote_ip(self) -> str:
-        """The peer's IP address ('' for Unix sockets)."""
-        return self._remote[0] if isinstance(self._remote, tuple) else ""
-
-    @property
-    def remote_port(self) -> int:
-        """The peer's port (0 for Unix sockets)."""
-        return int(self._remote[1]) if isinstance(self._remote, tuple) else 0
-
-    @property
     def local_address(self) -> str:
         """``ip:port`` this connection was accepted on."""
-        local = self.transport.get_extra_info("sockname") if self.transport is not None else None
-        if isinstance(local, tuple):
-            host, port = local[0], local[1]
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return str(local or "")
+        return format_address(self.transport.get_extra_info("sockname") if self.transport is not None else None)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.id} {self.remote_address} {self.state}>"

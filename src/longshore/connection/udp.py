@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CONNECT_FAIL, SEND_FAIL, ProtocolError
 from ..listen import parse_listen
 from ..stats import process_stats as _stats
+from .address import RemoteAddress
 from .tcp import Handlers, report_exception
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("longshore")
 
 
-class UdpConnection:
+class UdpConnection(RemoteAddress):
     """The sender of one datagram, and a way to answer it."""
 
     __slots__ = ("worker", "transport", "protocol", "max_package_size", "_remote", "__dict__")
@@ -66,21 +67,6 @@ class UdpConnection:
         if data is not None:
             self.send(data, raw)
 
-    @property
-    def remote_ip(self) -> str:
-        """The sender's IP address."""
-        return str(self._remote[0]) if isinstance(self._remote, tuple) else ""
-
-    @property
-    def remote_port(self) -> int:
-        """The sender's port."""
-        return int(self._remote[1]) if isinstance(self._remote, tuple) else 0
-
-    @property
-    def remote_address(self) -> str:
-        """``ip:port`` of the sender (``[ip]:port`` for IPv6)."""
-        host, port = self.remote_ip, self.remote_port
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UdpServer(asyncio.DatagramProtocol):
@@ -125,7 +111,7 @@ class UdpServer(asyncio.DatagramProtocol):
         log.info("udp socket error: %s", exc)
 
 
-class AsyncUdpConnection(asyncio.DatagramProtocol):
+class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
     """An outgoing UDP "connection": a socket connected to ``remote_url`` (``udp://host:port``).
 
     ::
@@ -273,21 +259,6 @@ class AsyncUdpConnection(asyncio.DatagramProtocol):
         """True unless the socket is open or being made."""
         return self._state == "closed"
 
-    @property
-    def remote_ip(self) -> str:
-        """The server's IP address."""
-        return str(self._remote[0]) if isinstance(self._remote, tuple) else ""
-
-    @property
-    def remote_port(self) -> int:
-        """The server's port."""
-        return int(self._remote[1]) if isinstance(self._remote, tuple) else 0
-
-    @property
-    def remote_address(self) -> str:
-        """``ip:port`` of the server (``[ip]:port`` for IPv6)."""
-        host, port = self.remote_ip, self.remote_port
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _emit(self, handler: Any, what: str, *args: Any) -> None:
         if handler is None:

@@ -41,7 +41,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from ...errors import PackageTooLarge, ProtocolError
 from ..base import Protocol
 from .request import Request
-from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, STATUS_LINES, status_line
+from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, STATUS_LINES
 from .uploads import MultipartReader
 
 _EMPTY: list[Any] = []
