@@ -99,9 +99,8 @@ def _handler_property(name: str) -> property:
 class TcpConnection(RemoteAddress, asyncio.Protocol):
     """A stream connection accepted by a worker.
 
-    ``send(data)`` returns True when the data went straight to the socket, None when it
-    was queued behind data still waiting in the send buffer, and False when it was
-    refused: the connection is closed, or the send buffer is full (the data is dropped,
+    ``send(data)`` returns True when the socket took all of the data, None when some of
+    it waits in the send buffer, and False when it was refused: the connection is closed, or the send buffer is full (the data is dropped,
     ``send_fail`` counts it and ``on_error(conn, SEND_FAIL, ...)`` is called).
 
     A send is accepted while the send buffer is below ``max_send_buffer_size``; the
@@ -319,7 +318,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
     def send(self, data: Any, raw: bool = False) -> bool | None:
         """Encode ``data`` with the connection's protocol (unless ``raw``) and send it.
 
-        Returns True (handed to the socket), None (queued in the send buffer) or False
+        Returns True (the socket took all of it), None (accepted; some of it waits in the send buffer) or False
         (refused: connection closed, or send buffer full and the data dropped).
         """
         if self._state is not ESTABLISHED:
