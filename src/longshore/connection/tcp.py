@@ -100,8 +100,9 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
     """A stream connection accepted by a worker.
 
     ``send(data)`` returns True when the socket took all of the data, None when some of
-    it waits in the send buffer, and False when it was refused: the connection is closed, or the send buffer is full (the data is dropped,
-    ``send_fail`` counts it and ``on_error(conn, SEND_FAIL, ...)`` is called).
+    it waits in the send buffer, and False when it was refused: the connection is
+    closed, or the send buffer is full (the data is dropped, ``send_fail`` counts it
+    and ``on_error(conn, SEND_FAIL, ...)`` is called).
 
     A send is accepted while the send buffer is below ``max_send_buffer_size``; the
     send that makes it reach the limit is still accepted whole (a package is never cut)
