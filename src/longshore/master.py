@@ -514,6 +514,9 @@ class Master:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
+            # Out of the terminal's process group: Ctrl+C reaches the master and the
+            # workers, and the master stops its helpers once the workers are gone.
+            os.setpgid(0, 0)
             metrics_socket = self.metrics_socket
             self.metrics_socket = None  # kept open for the monitor
             self.become_worker()
