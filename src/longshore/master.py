@@ -44,7 +44,7 @@ from .loop import loop_name
 from .runtime import Runtime
 from .stats import STATE_RUNNING, StatsTable, rss_bytes
 from .timer import Timer
-from .worker import EXIT_BOOT_ERROR, Worker, run_worker_process
+from .worker import CONTROL_SIGNALS, EXIT_BOOT_ERROR, Worker, run_worker_process
 
 log = logging.getLogger("longshore")
 
@@ -459,10 +459,18 @@ class Master:
             return None
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            self.become_worker()
-            run_worker_process(worker, worker_id, self.table, slot, self.runtime)
+        # Until the worker's loop handles them, a stop or reload signal must wait, not
+        # kill it with the default action (or dump core, for SIGQUIT).
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self.become_worker()
+                run_worker_process(worker, worker_id, self.table, slot, self.runtime)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self.children[pid] = Child(pid, worker, index, worker_id, slot)
         self.assigned[key] = pid
         self.header_dirty = True

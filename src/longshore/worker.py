@@ -53,6 +53,9 @@ EXIT_BOOT_ERROR = 3
 #: Listen schemes that mean a protocol over TLS.
 _TLS_SCHEMES = {"https": "http", "wss": "websocket"}
 
+#: Signals the master sends its workers; blocked from the fork until the loop handles them.
+CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2})
+
 _SIGNAL_ACTIONS = {
     signal.SIGTERM: ("stop", False),
     signal.SIGINT: ("stop", False),
@@ -322,6 +325,8 @@ class _WorkerProcess:
         for signum, (action, graceful) in _SIGNAL_ACTIONS.items():
             loop.add_signal_handler(signum, self.on_signal, action, graceful)
         loop.add_signal_handler(signal.SIGIO, self.dump_connections)
+        # The master forked us with these blocked: what it sent meanwhile arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
         self.publish()
         if _channel_in_use():
             from . import channel
@@ -340,6 +345,10 @@ class _WorkerProcess:
             return await self.done
         if worker.address is not None:
             await self.start_serving()
+        if self.stopping:  # a stop signal arrived while the listener was being set up
+            if self.server is not None:
+                self.server.close()
+            return await self.done
         self.table.set_state(self.slot, STATE_RUNNING)
         log.debug("worker %s[%d] pid %d running", worker.name, self.worker_id, os.getpid())
         return await self.done
