@@ -526,3 +526,15 @@ def test_demo_chat_four_processes_and_two_instances(tmp_path):
             cli("stop")
         redis.kill()
         redis.wait()
+
+
+@pytest.mark.parametrize("setting", ["rabbitmq://127.0.0.1:5672", "redis://127.0.0.1:port/0", "redis://127.0.0.1:6379/zero", "embeded"])
+def test_unusable_channel_setting_is_refused_at_start(app_factory, setting):
+    app = app_factory(f"""
+    Worker.channel = {setting!r}
+    w = Worker("text://127.0.0.1:0", name="chat")
+    """)
+    result = app.cli("start", "-d", check=False, timeout=20)
+    assert result.returncode == 1
+    assert f"Worker.channel: {setting!r}" in result.stderr
+    assert app.master_pid() is None

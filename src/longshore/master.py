@@ -73,6 +73,27 @@ def describe_exit(status: int) -> str:
     return f"status {status}"
 
 
+def check_channel_setting(setting: str | None) -> None:
+    """Refuse, before anything starts, a ``Worker.channel`` the workers could not use
+    (each of them would otherwise fail at start, again and again)."""
+    if setting is None or setting == "embedded":
+        return
+    from urllib.parse import urlsplit
+
+    problem = f"Worker.channel: {setting!r} is neither 'embedded' nor a redis:// URL (redis://host:port/db, rediss://..., unix:///path)"
+    try:
+        parts = urlsplit(setting)
+        parts.port  # a port that is not a number raises ValueError
+    except ValueError:
+        raise ValueError(problem) from None
+    if parts.scheme in ("redis", "rediss"):
+        database = parts.path.strip("/")
+        if not parts.hostname or (database and not database.isdigit()):
+            raise ValueError(problem)
+    elif parts.scheme != "unix" or not parts.path:
+        raise ValueError(problem)
+
+
 @dataclass
 class Child:
     """A worker process the master forked."""
@@ -161,6 +182,7 @@ class Master:
         runtime.make_folders()
         try:
             owners = self.worker_identities()
+            check_channel_setting(Worker.channel)
         except ValueError as exc:
             print(f"longshore: {exc}", file=sys.stderr)
             return 1
@@ -721,7 +743,7 @@ class Master:
             return
         log.info("master pid %d: %s reload", os.getpid(), "graceful" if graceful else "quick")
         self.call_master_hook("on_master_reload")
-        queue = collections.deque()
+        queue: collections.deque[tuple[int, int]] = collections.deque()
         for key, pid in sorted(self.assigned.items()):
             worker = self.workers[key[0]]
             if worker.reloadable:
@@ -795,11 +817,11 @@ class Master:
                 return
             if states.get(new_pid) == STATE_RUNNING:
                 if self.reload_graceful:
-                    old = self.children.get(step.old_pid)
-                    if old is not None:
-                        old.kill_at = None  # a graceful stop takes as long as its connections need (stop_timeout)
+                    retiring = self.children.get(step.old_pid)
+                    if retiring is not None:
+                        retiring.kill_at = None  # a graceful stop takes as long as its connections need (stop_timeout)
                         self.send(step.old_pid, signal.SIGUSR2)
-                        old.kill_at = now + old.worker.stop_timeout + 5.0
+                        retiring.kill_at = now + retiring.worker.stop_timeout + 5.0
                 log.info("reload: worker %s[%d] replaced by pid %d", self.workers[step.key[0]].name, step.key[1], new_pid)
                 self.finish_reload_step()
 
