@@ -100,10 +100,10 @@ def families(document: dict[str, Any]) -> Iterator[Metric]:
         busy.add_metric(labels(process), 1.0 if process["status"] == "busy" else 0.0)
     yield busy
     for name, field, text in COUNTERS:
-        family = CounterMetricFamily(name, text, labels=PROCESS_LABELS)
+        counter = CounterMetricFamily(name, text, labels=PROCESS_LABELS)
         for process in processes:
-            family.add_metric(labels(process), float(process[field]))
-        yield family
+            counter.add_metric(labels(process), float(process[field]))
+        yield counter
     channel = CounterMetricFamily(
         "longshore_channel_messages", "Channel messages of the process, by kind: published, delivered, dropped.", labels=[*PROCESS_LABELS, "kind"]
     )

@@ -21,6 +21,7 @@ SIGIO      write the list of connections for the ``connections`` command
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -369,6 +370,7 @@ class _WorkerProcess:
             own = ListenAddress(address.url, address.scheme, address.transport, address.host, port, address.path)
             sock = bind_socket(own, reuse_port=True, backlog=worker.backlog)
         else:
+            assert worker._socket is not None, "the master binds a worker's socket before forking"
             sock = worker._socket
         worker._socket = None
         handlers = Handlers(worker)
@@ -412,11 +414,14 @@ class _WorkerProcess:
             result = hook(self.worker)
             if asyncio.iscoroutine(result):
                 task = asyncio.get_running_loop().create_task(result)
-                task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self._hook_failed(what, t))
+                task.add_done_callback(functools.partial(self._hook_done, what))
         except Exception:
             report_exception(what)
 
-    def _hook_failed(self, what: str, task: asyncio.Task[Any]) -> None:
+    def _hook_done(self, what: str, task: asyncio.Task[Any]) -> None:
+        """A coroutine hook finished: count and log what it raised."""
+        if task.cancelled() or task.exception() is None:
+            return
         process_stats.throw_exception += 1
         log.error("exception in %s", what, exc_info=task.exception())
 
