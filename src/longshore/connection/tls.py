@@ -12,7 +12,9 @@ nor logged. A :class:`TlsAcceptor` takes each accepted socket, runs the handshak
 ``loop.start_tls`` (bounded by ``ssl_handshake_timeout``), and only then hands the TLS
 transport to the connection, whose ``connection_made`` runs as for plain TCP. A failed
 handshake counts ``tls_error``, is logged at INFO level, and closes that socket only;
-the loop never waits on it, so other clients are not disturbed.
+the loop never waits on it, so other clients are not disturbed. A client that connects
+and closes without sending a byte (a load balancer's TCP health check) is not an error:
+it is closed quietly and not counted.
 """
 
 from __future__ import annotations
@@ -117,13 +119,13 @@ class TlsAcceptor(asyncio.Protocol):
     application protocol during the handshake, so a failed handshake never reaches the
     connection.
 
-    The loop starts reading an accepted socket as soon as ``connection_made`` returns,
-    before the handshake task's first step: bytes that arrive in between (the
-    ClientHello of a quick client) are kept here and handed to the TLS layer right after
-    it takes the socket over, ahead of anything read later.
+    The handshake starts when the client's first bytes (its ClientHello) arrive: they are
+    kept here and handed to the TLS layer right after it takes the socket over, ahead of
+    anything read later. A client that closes before sending anything was only checking
+    that the port answers.
     """
 
-    __slots__ = ("context", "make_connection", "handshake_timeout", "transport", "early", "lost")
+    __slots__ = ("context", "make_connection", "handshake_timeout", "transport", "early", "lost", "spoke")
 
     def __init__(self, context: _ssl.SSLContext, make_connection: Callable[[], TcpConnection], handshake_timeout: float) -> None:
         self.context = context
@@ -132,12 +134,14 @@ class TlsAcceptor(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self.early: bytearray | None = bytearray()
         self.lost = False
+        #: Resolved True by the client's first bytes, False by its EOF or a lost socket.
+        self.spoke: asyncio.Future[bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         self.transport = transport
         loop = asyncio.get_running_loop()
+        self.spoke = loop.create_future()
         task = loop.create_task(self._handshake(transport))
-        loop.call_soon(self._hand_over_early_bytes)  # runs right after the task's first step
         _handshakes.add(task)
         task.add_done_callback(_handshakes.discard)
 
@@ -146,12 +150,20 @@ class TlsAcceptor(asyncio.Protocol):
         if early is not None:  # before the TLS layer took over (never after the handshake)
             early += data
             self.transport.pause_reading()  # type: ignore[union-attr]
+            self._first_sign(True)
 
     def eof_received(self) -> bool | None:
+        self._first_sign(False)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._first_sign(False)
+
+    def _first_sign(self, spoke: bool) -> None:
+        future = self.spoke
+        if future is not None and not future.done():
+            future.set_result(spoke)
 
     def _hand_over_early_bytes(self) -> None:
         early, self.early = self.early, None
@@ -171,17 +183,33 @@ class TlsAcceptor(asyncio.Protocol):
     async def _handshake(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
-        if self.lost:
+        started = loop.time()
+        assert self.spoke is not None
+        try:
+            spoke = await asyncio.wait_for(self.spoke, self.handshake_timeout)
+        except asyncio.CancelledError:
+            transport.abort()  # type: ignore[attr-defined]
+            raise
+        except asyncio.TimeoutError:
             _stats.tls_error += 1
-            log.info("TLS handshake with %s failed: closed before it began", _format_peer(peer))
+            transport.abort()  # type: ignore[attr-defined]
+            log.info("TLS handshake with %s failed: timed out (nothing received)", _format_peer(peer))
             return
+        if not spoke or self.lost:  # connected and closed without a byte: a health check
+            transport.abort()  # type: ignore[attr-defined]
+            log.debug("TLS port: %s closed without sending anything", _format_peer(peer))
+            return
+        # start_tls sets the TLS layer on the transport at once and schedules its start and
+        # the resumed reading; this callback, scheduled before them, feeds it the early
+        # bytes first.
+        loop.call_soon(self._hand_over_early_bytes)
         try:
             tls_transport = await loop.start_tls(
                 transport,  # type: ignore[arg-type]
                 self,
                 self.context,
                 server_side=True,
-                ssl_handshake_timeout=self.handshake_timeout,
+                ssl_handshake_timeout=max(self.handshake_timeout - (loop.time() - started), 0.1),
             )
         except asyncio.CancelledError:
             transport.abort()  # type: ignore[attr-defined]
