@@ -132,16 +132,7 @@ def start_redis() -> tuple[subprocess.Popen[bytes], int]:
 
 
 def run_client(connections: int, rounds: int, port: int) -> dict[str, float]:
-    command = [WSLOADCLIENT, "-b", str(rounds), "-c", str(connections), "127.0.0.1", str(port)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    values = {}
-    for part in line.split():
-        key, _, value = part.partition("=")
-        values[key] = float(value)
-    if not values:
-        raise RuntimeError(f"wsloadclient said nothing: {result.stderr.strip()}")
-    return values
+    return benchlib.run_client([WSLOADCLIENT, "-b", str(rounds), "-c", str(connections), "127.0.0.1", str(port)], 600)
 
 
 def main() -> None:

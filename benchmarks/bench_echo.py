@@ -27,14 +27,6 @@ SERVER_CPU = 0
 CLIENT_CPU = 1
 
 
-def parse_result(line: str) -> dict[str, float]:
-    values = {}
-    for part in line.split():
-        key, _, value = part.partition("=")
-        values[key] = float(value)
-    return values
-
-
 def measure_once(server: benchlib.Server, args: argparse.Namespace, pipeline: int, pinned: bool) -> dict[str, Any]:
     command = [
         *benchlib.taskset_prefix(CLIENT_CPU if pinned else None),
@@ -60,10 +52,10 @@ def measure_once(server: benchlib.Server, args: argparse.Namespace, pipeline: in
     lines = result.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("msgs_per_sec="):
         raise RuntimeError(f"load client failed ({result.returncode}): {result.stdout}{result.stderr}")
-    values: dict[str, Any] = parse_result(lines[-1])
+    values: dict[str, Any] = benchlib.parse_fields(lines[-1])
     details = [line for line in result.stderr.splitlines() if line.startswith("loadclient: answered=")]
     if details:
-        values.update(parse_result(details[-1].removeprefix("loadclient: ")))
+        values.update(benchlib.parse_fields(details[-1].removeprefix("loadclient: ")))
     problems = [line for line in result.stderr.splitlines() if line not in details]
     if problems:
         values["problems"] = problems

@@ -119,16 +119,8 @@ def start_library(uvloop: bool) -> benchlib.Server:
 
 
 def run_client(args: list[str], timeout: float) -> dict[str, float]:
-    command = [*benchlib.taskset_prefix(CLIENT_CPU if benchlib.pinning_possible() else None), WSLOADCLIENT, *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    values = {}
-    for part in line.split():
-        key, _, value = part.partition("=")
-        values[key] = float(value)
-    if not values:
-        raise RuntimeError(f"wsloadclient said nothing: {result.stderr.strip()}")
-    return values
+    prefix = benchlib.taskset_prefix(CLIENT_CPU if benchlib.pinning_possible() else None)
+    return benchlib.run_client([*prefix, WSLOADCLIENT, *args], timeout)
 
 
 def main() -> None:

@@ -253,6 +253,25 @@ def start_bare(kind: str, cpu: int | None = None) -> Server:
 
 
 # -- numbers -----------------------------------------------------------------------------
+def parse_fields(line: str) -> dict[str, float]:
+    """``key=value key=value ...`` (a load client's result line) as numbers."""
+    values = {}
+    for part in line.split():
+        key, _, value = part.partition("=")
+        values[key] = float(value)
+    return values
+
+
+def run_client(command: list[str], timeout: float) -> dict[str, float]:
+    """Run a load client and parse the last line it prints (``key=value ...``)."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    lines = result.stdout.strip().splitlines()
+    values = parse_fields(lines[-1]) if lines else {}
+    if not values:
+        raise RuntimeError(f"{os.path.basename(command[0])} said nothing ({result.returncode}): {result.stderr.strip()}")
+    return values
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
