@@ -13,9 +13,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import is_closed, wait_for
+from conftest import connect, is_closed, wait_for
 from test_websocket import RECORDER
-from wsutil import handshake, read_frame
+from wsutil import frame, handshake, read_close, read_frame
 
 
 def test_a_client_that_stops_reading_is_dropped_while_another_gets_everything(app_factory):
@@ -355,3 +355,74 @@ w.on_websocket_connected = lambda conn: conn.send("x" * 100_000)
     started = time.monotonic()
     assert asyncio.run(scenario()) == 1001
     assert time.monotonic() - started < 10
+
+
+def test_stop_and_reload_say_going_away_while_the_application_closes_normally(app_factory):
+    app = app_factory(
+        """
+w = Worker("websocket://127.0.0.1:0", name="ws")
+w.on_websocket_connected = lambda conn: conn.send("welcome")
+w.on_message = lambda conn, message: conn.close() if message == "bye" else conn.send(message)
+"""
+    ).start()
+    port = app.port()
+
+    def opened():
+        sock = handshake(port)
+        assert read_frame(sock)[2] == b"welcome"
+        return sock
+
+    by_application = opened()
+    by_application.sendall(frame(0x1, b"bye"))
+    assert read_close(by_application)[0] == 1000
+    by_application.close()
+
+    reloaded = opened()
+    app.cli("reload")
+    assert read_close(reloaded) == (1001, "server going away")
+    reloaded.close()
+
+    stopped = opened()  # served by the new worker
+    app.cli("stop")
+    assert read_close(stopped) == (1001, "server going away")
+    stopped.close()
+
+
+def test_a_connection_upgraded_during_a_graceful_stop_is_told_going_away_at_once(app_factory):
+    app = app_factory(
+        """
+from longshore.websocket import upgrade
+
+web = Worker("http://127.0.0.1:0", name="web", stop_timeout=8)
+stopping = asyncio.Event()
+web.on_worker_stop = lambda worker: stopping.set()
+
+async def on_request(conn, request):
+    open(os.path.join(os.environ["APP_DIR"], "asked"), "w").close()
+    await stopping.wait()  # the answer comes once the graceful stop has begun
+    upgrade(conn, request, on_websocket_connected=lambda c: c.send("late hello"))
+
+web.on_message = on_request
+"""
+    ).start()
+    port = app.port()
+    sock = connect(port, timeout=10)
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    wait_for(lambda: (app.folder / "asked").exists(), what="the request")
+    started = time.monotonic()
+    stopping = threading.Thread(target=app.cli, args=("stop", "-g"))
+    stopping.start()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, "closed before the handshake answer"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101")
+    assert read_frame(sock)[2] == b"late hello"
+    assert read_close(sock) == (1001, "server going away")
+    assert time.monotonic() - started < 6  # not at the end of stop_timeout
+    stopping.join(30)
+    sock.close()

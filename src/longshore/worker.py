@@ -450,17 +450,17 @@ class _WorkerProcess:
             except Exception:
                 report_exception("on_worker_stop")
         deadline = loop.time() + worker.stop_timeout
-        if self.graceful:
-            for connection in list(worker.connections.values()):
-                try:
-                    connection.protocol.graceful_close()
-                except Exception:
-                    report_exception("graceful_close", connection)
+        told: dict[int, Protocol] = {}
         while self.graceful and worker.connections and loop.time() < deadline:
+            self.tell_graceful(told)
             await asyncio.sleep(0.05)
         if self.graceful and worker.connections:
             deadline = loop.time() + 1.0  # graceful time is up: flush briefly, then cut
         for connection in list(worker.connections.values()):
+            try:
+                connection.protocol.going_away()
+            except Exception:
+                report_exception("going_away", connection)
             connection.close()
         while worker.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -475,6 +475,19 @@ class _WorkerProcess:
         self.publish()
         if self.done is not None and not self.done.done():
             self.done.set_result(0)
+
+    def tell_graceful(self, told: dict[int, Protocol]) -> None:
+        """Call ``graceful_close`` once on each connection's protocol, and again on a
+        protocol that replaced it meanwhile (an ``http://`` connection upgraded to WebSocket)."""
+        for connection in list(self.worker.connections.values()):
+            protocol = connection.protocol
+            if told.get(connection.id) is protocol:
+                continue
+            told[connection.id] = protocol
+            try:
+                protocol.graceful_close()
+            except Exception:
+                report_exception("graceful_close", connection)
 
     # -- status ------------------------------------------------------------------------
     def publish(self) -> None:

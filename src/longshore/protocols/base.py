@@ -65,6 +65,14 @@ class Protocol:
         the peer closes it (or when ``stop_timeout`` runs out).
         """
 
+    def going_away(self) -> None:
+        """The worker stops now (``stop``, ``reload``, or a graceful stop whose time is up).
+
+        The connection is closed right after this call, its send buffer written out
+        first. A protocol that can tell its peer why does it here (a WebSocket sends a
+        close frame with 1001, going away); the default does nothing.
+        """
+
 
 class RawProtocol(Protocol):
     """``tcp://``: bytes are delivered as they arrive, with no framing."""

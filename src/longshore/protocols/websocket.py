@@ -656,10 +656,14 @@ class WebSocketProtocol(Protocol):
         handshake in progress is completed first.
         """
         if self._state == _OPEN:
-            self.close(CLOSE_GOING_AWAY, "server going away")
+            self.going_away()
             _close_socket(self.connection)
         elif self._state == _HANDSHAKE or self._state == _DECIDING:
             self._going_away = True
+
+    def going_away(self) -> None:
+        """The worker stops: an open connection gets a close frame with 1001 (going away)."""
+        self.close(CLOSE_GOING_AWAY, "server going away" if not self.client else "going away")
 
     # -- heartbeats ----------------------------------------------------------------------------
     def _heartbeat(self, now: float) -> None:
