@@ -29,7 +29,6 @@ import benchlib
 TARGET_RATIO = 5.0
 SERVER_CPU = 0
 CLIENT_CPU = 1
-WSLOADCLIENT_SOURCE = os.path.join(benchlib.HERE, "wsloadclient.c")
 WSLOADCLIENT = os.path.join(benchlib.BUILD_DIR, "wsloadclient")
 LIBRARY_SERVER = os.path.join(benchlib.HERE, "ws_library_server.py")
 
@@ -58,14 +57,8 @@ if __name__ == "__main__":
 
 
 def build() -> str:
-    if os.path.exists(WSLOADCLIENT) and os.path.getmtime(WSLOADCLIENT) >= os.path.getmtime(WSLOADCLIENT_SOURCE):
-        return WSLOADCLIENT
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        sys.exit("no C compiler found; set CC")
-    os.makedirs(benchlib.BUILD_DIR, exist_ok=True)
-    subprocess.run([compiler, "-O2", "-Wall", "-o", WSLOADCLIENT, WSLOADCLIENT_SOURCE], check=True)
-    return WSLOADCLIENT
+    """The WebSocket load client (built on first use)."""
+    return benchlib.build_c("wsloadclient")
 
 
 class LongshoreWs:

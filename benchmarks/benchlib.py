@@ -20,7 +20,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SRC = os.path.join(REPO, "src")
 BUILD_DIR = os.path.join(HERE, ".build")
-LOADCLIENT_SOURCE = os.path.join(HERE, "loadclient.c")
 LOADCLIENT = os.path.join(BUILD_DIR, "loadclient")
 BARE_SERVER = os.path.join(HERE, "bare_server.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -34,21 +33,30 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def build_loadclient() -> str:
-    """Compile loadclient.c (when the binary is missing or older than the source)."""
-    if os.path.exists(LOADCLIENT) and os.path.getmtime(LOADCLIENT) >= os.path.getmtime(LOADCLIENT_SOURCE):
-        return LOADCLIENT
+def build_c(name: str) -> str:
+    """Compile ``benchmarks/<name>.c`` into ``benchmarks/.build/<name>`` when the binary
+    is missing or older than the source or the shared header; return the binary's path."""
+    source = os.path.join(HERE, name + ".c")
+    binary = os.path.join(BUILD_DIR, name)
+    newest_input = max(os.path.getmtime(source), os.path.getmtime(os.path.join(HERE, "loadcommon.h")))
+    if os.path.exists(binary) and os.path.getmtime(binary) >= newest_input:
+        return binary
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         sys.exit("no C compiler found (cc, gcc or clang); set CC")
     os.makedirs(BUILD_DIR, exist_ok=True)
-    temporary = LOADCLIENT + ".tmp"
-    command = [compiler, "-O2", "-Wall", "-o", temporary, LOADCLIENT_SOURCE]
+    temporary = binary + ".tmp"
+    command = [compiler, "-O2", "-Wall", "-o", temporary, source]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"building the load client failed: {' '.join(command)}\n{result.stderr}")
-    os.replace(temporary, LOADCLIENT)
-    return LOADCLIENT
+        sys.exit(f"building {name} failed: {' '.join(command)}\n{result.stderr}")
+    os.replace(temporary, binary)
+    return binary
+
+
+def build_loadclient() -> str:
+    """The line-echo load client (built on first use)."""
+    return build_c("loadclient")
 
 
 # -- /proc -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@
  * connection has received a whole frame. Prints one line:
  *   connections=... rounds=... median_ms=... max_ms=... errors=...
  *
- * Build: cc -O2 -o wsloadclient wsloadclient.c
+ * Build: cc -O2 -o wsloadclient wsloadclient.c   (with loadcommon.h beside it)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,9 +34,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loadcommon.h"
+
 #define MAX_PIPELINE 64
 #define MAX_SIZE 65535
-#define HIST_BUCKETS 2000000 /* 1 us each, up to 2 s */
 #define HEAD_MAX 4096
 
 enum { C_CONNECTING, C_HANDSHAKE, C_OPEN, C_DEAD };
@@ -59,43 +60,13 @@ struct conn {
     int frame_counts;       /* the frame being read is a text frame (pings do not count) */
 };
 
-static uint32_t *hist;
-static uint64_t hist_total, answered, errors;
+static uint64_t answered, errors;
 static int measuring, draining, verbose, pipeline = 1;
 static size_t payload_size = 64, out_frame_size, in_frame_size;
 static char *msgbuf;
 static size_t msgbuf_len;
 static char request[512];
 static size_t request_len;
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void record(uint64_t ns)
-{
-    uint64_t us = ns / 1000;
-    hist[us < HIST_BUCKETS ? us : HIST_BUCKETS - 1]++;
-    hist_total++;
-}
-
-static double percentile_us(double q)
-{
-    if (!hist_total)
-        return 0;
-    uint64_t rank = (uint64_t)(q * (double)hist_total), seen = 0;
-    if (rank >= hist_total)
-        rank = hist_total - 1;
-    for (uint64_t i = 0; i < HIST_BUCKETS; i++) {
-        seen += hist[i];
-        if (seen > rank)
-            return (double)i;
-    }
-    return HIST_BUCKETS;
-}
 
 static void set_events(int ep, struct conn *c, int want_out)
 {
@@ -316,7 +287,7 @@ static int handle_read(int ep, struct conn *c)
                     uint64_t t = now_ns();
                     for (unsigned i = 0; i < done && c->count; i++) {
                         if (measuring)
-                            record(t - c->sent_ns[c->head]);
+                            record_latency(t - c->sent_ns[c->head]);
                         c->head = (c->head + 1) % MAX_PIPELINE;
                         c->count--;
                     }
@@ -400,7 +371,6 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    hist = calloc(HIST_BUCKETS, sizeof *hist);
     request_len = (size_t)snprintf(request, sizeof request,
                                    "GET / HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
