@@ -190,3 +190,43 @@ def test_a_large_message_in_many_chunks_is_not_copied_over_and_over():
         received += protocol.feed(data[start : start + 65536])
     assert received == [payload, "next"]
     assert time.perf_counter() - started < 2.0
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_a_handshake_in_pieces_then_frames_in_the_same_chunk():
+    connection = Connection()
+    protocol = WebSocketProtocol(connection)
+    for byte in HANDSHAKE[:-1]:
+        assert protocol.feed(bytes((byte,))) == []
+    assert connection.transport.written == []
+    assert protocol.feed(HANDSHAKE[-1:] + frame(1, b"first") + frame(2, b"second")) == ["first", b"second"]
+    assert connection.transport.written[0].startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 17000, b"431"),  # no end of the head within max_header_size
+        (b"GET / HTTP/1.1\r\nbad header line\r\n\r\n", b"400"),
+        (b"NOT HTTP\r\n\r\n", b"400"),
+    ],
+)
+def test_a_bad_handshake_head_is_answered_with_an_http_error(data, status):
+    protocol = WebSocketProtocol(Connection())
+    with pytest.raises(ProtocolError) as raised:
+        protocol.feed(data)
+    assert raised.value.response.split(b" ")[1] == status
+
+
+def test_the_worker_setting_of_max_header_size_applies():
+    connection = Connection()
+    connection.worker.websocket_max_header_size = 100
+    protocol = WebSocketProtocol(connection)
+    with pytest.raises(ProtocolError) as raised:
+        protocol.feed(HANDSHAKE[:60] + b"X-Long: " + b"a" * 60)
+    assert b" 431 " in raised.value.response

@@ -265,9 +265,52 @@ class _HeadParser:
         self.complete = True
 
 
+class _BadHead(Exception):
+    """The HTTP head of a handshake could not be read: ``too_large``, or malformed."""
+
+    def __init__(self, detail: str = "", too_large: bool = False) -> None:
+        super().__init__(detail)
+        self.too_large = too_large
+
+
+def _take_head(buffer: bytearray, parser_class: Any, max_size: int) -> tuple[_HeadParser, Any] | None:
+    """Parse the HTTP head at the start of ``buffer`` and cut it from there.
+
+    ``parser_class`` is httptools' ``HttpRequestParser`` (server) or
+    ``HttpResponseParser`` (client). Returns ``(collected head, httptools parser)``, or
+    None while the head is incomplete; raises :class:`_BadHead` when more than
+    ``max_size`` bytes came without the end of the head, or when it does not parse.
+    What follows the head (the first frames) stays in ``buffer``.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > max_size:
+            raise _BadHead(too_large=True)
+        return None
+    head = bytes(buffer[: end + 4])
+    del buffer[: end + 4]
+    collected = _HeadParser()
+    parser = parser_class(collected)
+    try:
+        parser.feed_data(head)
+    except HttpParserUpgrade:
+        pass
+    except HttpParserError as exc:
+        raise _BadHead(str(exc)) from None
+    if not collected.complete:
+        raise _BadHead()
+    return collected, parser
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     values = [value.decode("latin-1") for key, value in headers if key.lower() == name]
     return ", ".join(values) if values else None
+
+
+def _detail(error: Exception) -> str:
+    """``": what went wrong"``, or nothing when the error says nothing more."""
+    text = str(error)
+    return f": {text}" if text else ""
 
 
 def _tokens(value: str | None) -> list[str]:
@@ -707,24 +750,16 @@ class WebSocketProtocol(Protocol):
         buffer += data
         if self._state == _DECIDING:
             return _EMPTY
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > self.max_header_size:
-                raise ProtocolError("handshake headers too large", response=_error_response(431))
-            return _EMPTY
-        head = bytes(buffer[: end + 4])
-        del buffer[: end + 4]
-        parser = _HeadParser()
-        http = HttpRequestParser(parser)
         try:
-            http.feed_data(head)
-        except HttpParserUpgrade:
-            pass
-        except HttpParserError as exc:
-            raise ProtocolError(f"malformed handshake: {exc}", response=_error_response(400)) from None
-        if not parser.complete:
-            raise ProtocolError("malformed handshake", response=_error_response(400))
-        request = Request(self.connection, http.get_method(), parser.url, parser.headers, http.get_http_version(), True)
+            parsed = _take_head(buffer, HttpRequestParser, self._setting("max_header_size"))
+        except _BadHead as exc:
+            if exc.too_large:
+                raise ProtocolError("handshake headers too large", response=_error_response(431)) from None
+            raise ProtocolError(f"malformed handshake{_detail(exc)}", response=_error_response(400)) from None
+        if parsed is None:
+            return _EMPTY
+        head, http = parsed
+        request = Request(self.connection, http.get_method(), head.url, head.headers, http.get_http_version(), True)
         self.accept(request)
         return self._after_open()
 
@@ -1051,23 +1086,17 @@ class WebSocketClientProtocol(WebSocketProtocol):
         if buffer is None:
             buffer = self._buffer = bytearray()
         buffer += data
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > self.max_header_size:
-                return self._refused("handshake response headers too large")
-            return _EMPTY
-        head = bytes(buffer[: end + 4])
-        del buffer[: end + 4]
-        parser = _HeadParser()
-        http = HttpResponseParser(parser)
         try:
-            http.feed_data(head)
-        except HttpParserUpgrade:
-            pass
-        except HttpParserError as exc:
-            return self._refused(f"malformed handshake response: {exc}")
+            parsed = _take_head(buffer, HttpResponseParser, self._setting("max_header_size"))
+        except _BadHead as exc:
+            if exc.too_large:
+                return self._refused("handshake response headers too large")
+            return self._refused(f"malformed handshake response{_detail(exc)}")
+        if parsed is None:
+            return _EMPTY
+        head, http = parsed
         status = http.get_status_code()
-        headers = parser.headers
+        headers = head.headers
         if status != 101:
             return self._refused(f"server answered HTTP {status}")
         if (_header(headers, b"sec-websocket-accept") or "").strip() != accept_key(self._key):
