@@ -51,6 +51,14 @@ def test_text_rejects_long_lines_and_invalid_utf8():
         TextProtocol(FakeConnection()).feed(b"\xff\xfe\n")
 
 
+def test_encode_bytes_like_as_they_are_and_other_values_as_their_text():
+    text, frame = TextProtocol(FakeConnection()), FrameProtocol(FakeConnection())
+    for value, body in [("été", "été".encode()), (b"\x00\x01", b"\x00\x01"), (bytearray(b"ab"), b"ab"),
+                        (memoryview(b"cd"), b"cd"), (5, b"5"), (2.5, b"2.5"), (None, b"None")]:
+        assert text.encode(value) == body + b"\n"
+        assert frame.encode(value) == (len(body) + 4).to_bytes(4, "big") + body
+
+
 def test_frame_round_trip_and_errors():
     frame = FrameProtocol(FakeConnection(100))
     wire = frame.encode(b"abc") + frame.encode("hé") + frame.encode(b"")

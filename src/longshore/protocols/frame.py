@@ -60,4 +60,6 @@ class FrameProtocol(Protocol):
     def encode(self, message: Any) -> bytes:
         if isinstance(message, str):
             message = message.encode()
+        elif not isinstance(message, (bytes, bytearray, memoryview)):
+            message = str(message).encode()  # a number, say: its text, as print() shows it
         return (len(message) + HEADER_SIZE).to_bytes(HEADER_SIZE, "big") + message

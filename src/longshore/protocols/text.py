@@ -63,4 +63,6 @@ class TextProtocol(Protocol):
     def encode(self, message: Any) -> bytes:
         if isinstance(message, str):
             return (message + "\n").encode()
-        return bytes(message) + b"\n"
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return bytes(message) + b"\n"
+        return (str(message) + "\n").encode()  # a number, say: its text, as print() shows it
