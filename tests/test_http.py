@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import App, connect, is_closed, wait_for
+from wsutil import frame, handshake, read_frame
 from longshore.errors import PackageTooLarge, ProtocolError
 from longshore.protocols.http import HttpProtocol
 
@@ -406,6 +407,180 @@ def test_slow_headers_are_cut_after_the_timeout(server):
     assert is_closed(silent, timeout=4)
     wait_for(lambda: counters(app)["protocol_error"] >= before["protocol_error"] + 2, what="timeouts counted")
     assert httpx.get(base(port)).text == "hello"
+
+
+# -- idle keep-alive and slow request bodies, on a server with 1 s timeouts ----------------
+
+TIMEOUTS_SERVER = r"""
+from longshore.http import Response, FileResponse, Chunk, EventStream, ServerSentEvent, HttpProtocol
+from longshore.websocket import upgrade
+HttpProtocol.keepalive_timeout = 1.0
+HttpProtocol.body_timeout = 1.0
+HttpProtocol.header_timeout = 5.0
+APP_DIR = os.environ["APP_DIR"]
+
+web = Worker("http://127.0.0.1:0", name="web")
+
+async def on_message(conn, request):
+    path = request.path
+    if path == "/":
+        conn.send("hello")
+    elif path == "/upload":
+        conn.send(f"got {len(request.body)}")
+    elif path.startswith("/sleep/"):
+        await asyncio.sleep(float(path.rsplit("/", 1)[1]))
+        conn.send("slept")
+    elif path == "/chunks":  # quiet for longer than the keep-alive timeout between chunks
+        conn.send(Response(chunked=True, content_type="text/plain"))
+        for index in range(2):
+            await asyncio.sleep(1.5)
+            conn.send(Chunk(f"tick{index};"))
+        conn.send(Chunk(b""))
+    elif path == "/events":
+        conn.send(EventStream())
+        await asyncio.sleep(2.5)
+        conn.send(ServerSentEvent("late"))
+    elif path == "/file":
+        conn.send(FileResponse(os.path.join(APP_DIR, "big.bin")))
+    elif path == "/bytes":  # one send, far bigger than the socket takes at once
+        conn.send(b"b" * (4 * 1024 * 1024))
+    elif path == "/ws":
+        upgrade(conn, request, on_message=lambda c, m: c.send("ws:" + m))
+    else:
+        conn.send(Response("Not Found", 404))
+
+web.on_message = on_message
+"""
+
+
+@pytest.fixture(scope="module")
+def timeouts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("httptimeouts")
+    with open(folder / "big.bin", "wb") as file:
+        file.truncate(8 * 1024 * 1024)
+    app = App(folder, TIMEOUTS_SERVER).start()
+    port = app.port()
+    yield app, port
+    app.cli("stop", timeout=30, check=False)
+    app.kill_everything()
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    """Read (after what read_response left over) until ``marker`` has arrived."""
+    sock.settimeout(timeout)
+    data = _leftovers.pop(id(sock), b"")
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    return data
+
+
+def test_idle_keep_alive_connection_is_closed_quietly(timeouts):
+    app, port = timeouts
+    before = counters(app)
+    pooled = httpx.Client()
+    assert pooled.get(base(port)).text == "hello"
+    idle = connect(port)
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(idle)[2] == b"hello"
+    answered = time.monotonic()
+    assert not is_closed(idle, timeout=0.8)  # not before its time
+    # a client that keeps talking, with gaps shorter than the timeout, stays
+    lively = connect(port)
+    while time.monotonic() - answered < 3.0:
+        lively.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(lively)[2] == b"hello"
+        time.sleep(0.4)
+    idle.settimeout(0.5)
+    assert idle.recv(100) == b""  # closed, with no answer (no 408)
+    lively.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(lively)[2] == b"hello"
+    # httpx finds its pooled connection closed and opens another by itself
+    assert pooled.get(base(port)).text == "hello"
+    pooled.close()
+    # a quiet close is not an error
+    time.sleep(0.5)
+    assert counters(app)["protocol_error"] == before["protocol_error"]
+
+
+def test_keep_alive_timeout_spares_connections_still_answering(timeouts):
+    app, port = timeouts
+    request = "GET {} HTTP/1.1\r\nHost: x\r\n\r\n"
+    waiting = connect(port)
+    waiting.sendall(request.format("/sleep/2.5").encode())
+    chunks = connect(port)
+    chunks.sendall(request.format("/chunks").encode())
+    events = connect(port)
+    events.sendall(request.format("/events").encode())
+    download = connect(port, rcvbuf=64 * 1024)
+    download.sendall(request.format("/file").encode())
+    big = connect(port, rcvbuf=64 * 1024)
+    big.sendall(request.format("/bytes").encode())
+    ws = handshake(port, "/ws")
+    idle = connect(port)
+    idle.sendall(request.format("/").encode())
+    assert read_response(idle)[2] == b"hello"
+    time.sleep(3.2)  # nobody reads or sends for three keep-alive timeouts
+    idle.settimeout(0.5)
+    assert idle.recv(100) == b""  # the only idle one is gone
+    assert read_response(waiting)[2] == b"slept"
+    waiting.sendall(request.format("/").encode())
+    assert read_response(waiting)[2] == b"hello"
+    body = read_until(chunks, b"0\r\n\r\n").partition(b"\r\n\r\n")[2]
+    assert body == b"6\r\ntick0;\r\n6\r\ntick1;\r\n0\r\n\r\n"
+    assert read_until(events, b"data: late\n\n").startswith(b"HTTP/1.1 200 OK")
+    status, _, data = read_response(download, timeout=10)
+    assert status == b"HTTP/1.1 200 OK" and len(data) == 8 * 1024 * 1024
+    download.sendall(request.format("/").encode())
+    assert read_response(download)[2] == b"hello"
+    status, _, data = read_response(big, timeout=10)
+    assert len(data) == 4 * 1024 * 1024 and data.count(b"b") == len(data)
+    big.sendall(request.format("/").encode())  # a close would only have come after the data
+    assert read_response(big)[2] == b"hello"
+    ws.sendall(frame(1, b"still here"))
+    assert read_frame(ws)[1:] == (1, b"ws:still here")
+    for sock in (waiting, chunks, events, download, big, ws):
+        sock.close()
+
+
+def test_slow_request_body_gets_408(timeouts):
+    app, port = timeouts
+    before = counters(app)
+    # the clock does not run while the server still owes an earlier answer
+    pipelined = connect(port)
+    pipelined.sendall(b"GET /sleep/2.2 HTTP/1.1\r\nHost: x\r\n\r\nPOST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" + b"y" * 10)
+    # a body that stops coming
+    stalled = connect(port)
+    stalled.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    started = time.monotonic()
+    # a chunked body that stops after its first chunk
+    stalled_chunks = connect(port)
+    stalled_chunks.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    data = b""
+    stalled.settimeout(5)
+    try:
+        while chunk := stalled.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in data
+    assert 0.9 <= elapsed < 3.5, elapsed
+    assert read_response(stalled_chunks)[0] == b"HTTP/1.1 408 Request Timeout"
+    assert is_closed(stalled_chunks)
+    assert read_response(pipelined)[2] == b"slept"
+    pipelined.sendall(b"y" * 10)
+    assert read_response(pipelined)[2] == b"got 20"
+    # a body that keeps coming, slowly but with gaps under the timeout, is fine
+    trickle = connect(port)
+    trickle.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n")
+    for _ in range(6):
+        time.sleep(0.4)
+        trickle.sendall(b"x" * 10)
+    assert read_response(trickle)[2] == b"got 60"
+    wait_for(lambda: counters(app)["protocol_error"] == before["protocol_error"] + 2, what="the two body timeouts counted")
 
 
 def test_total_request_counts_each_request(server):

@@ -138,6 +138,69 @@ def test_file_download_ranges_and_not_modified(server):
         assert client.get(url(port, "/files/")).status_code == 404
 
 
+def test_etag_and_conditional_requests(server):
+    app, port, folder = server
+    path = folder / "tagged.txt"
+    path.write_bytes(b"0123456789" * 30)
+    info = os.stat(path)
+    with httpx.Client() as client:
+        first = client.get(url(port, "/files/tagged.txt"))
+        etag = first.headers["etag"]
+        assert etag == f'"{info.st_mtime_ns:x}-{info.st_size:x}"'  # strong: size and mtime
+        last_modified = first.headers["last-modified"]
+
+        def get(method="GET", **headers):
+            return client.request(method, url(port, "/files/tagged.txt"), headers=headers)
+
+        # If-None-Match: 304 with the validators, whatever the list looks like
+        for value in (etag, f'"other", {etag}', "*", "W/" + etag):
+            answer = get(**{"If-None-Match": value})
+            assert answer.status_code == 304 and answer.content == b"", value
+            assert answer.headers["etag"] == etag and answer.headers["last-modified"] == last_modified
+            assert "content-length" not in answer.headers
+        assert get("HEAD", **{"If-None-Match": etag}).status_code == 304
+        assert get(**{"If-None-Match": '"other"'}).status_code == 200
+        # ... and it outranks If-Modified-Since, either way
+        assert get(**{"If-None-Match": '"other"', "If-Modified-Since": last_modified}).status_code == 200
+        assert get(**{"If-None-Match": etag, "If-Modified-Since": formatdate(info.st_mtime - 3600, usegmt=True)}).status_code == 304
+        # a method that changes things gets 412 instead of 304
+        assert get("POST", **{"If-None-Match": etag}).status_code == 412
+        # If-Match and If-Unmodified-Since
+        assert get(**{"If-Match": '"other"'}).status_code == 412
+        assert get(**{"If-Match": "W/" + etag}).status_code == 412  # strong comparison
+        assert get(**{"If-Match": etag}).content == path.read_bytes()
+        assert get(**{"If-Unmodified-Since": formatdate(info.st_mtime - 3600, usegmt=True)}).status_code == 412
+        assert get(**{"If-Unmodified-Since": last_modified}).status_code == 200
+        # If-Range: the range only for the current version of the file
+        for validator in (etag, last_modified):
+            part = get(Range="bytes=10-19", **{"If-Range": validator})
+            assert part.status_code == 206 and part.content == b"0123456789"
+        for validator in ('"other"', "W/" + etag, formatdate(info.st_mtime - 3600, usegmt=True)):
+            whole = get(Range="bytes=10-19", **{"If-Range": validator})
+            assert whole.status_code == 200 and whole.content == path.read_bytes(), validator
+        # a HEAD ignores Range
+        assert get("HEAD", Range="bytes=10-19").status_code == 200
+        # the file changes: a new tag, the old one no longer matches
+        path.write_bytes(b"changed" * 40)
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 5_000_000_000))
+        changed = get(**{"If-None-Match": etag})
+        assert changed.status_code == 200 and changed.content == b"changed" * 40
+        assert changed.headers["etag"] != etag
+        assert get(Range="bytes=0-6", **{"If-Range": etag}).status_code == 200
+        assert get(Range="bytes=0-6", **{"If-Range": changed.headers["etag"]}).content == b"changed"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_revalidates_with_its_saved_etag(server, tmp_path):
+    app, port, folder = server
+    saved = tmp_path / "etag"
+    out = tmp_path / "out"
+    command = ["curl", "-s", "-o", str(out), "-w", "%{http_code}", url(port, "/files/small.txt")]
+    assert subprocess.run([*command, "--etag-save", str(saved)], capture_output=True, text=True, timeout=30).stdout == "200"
+    assert saved.read_text().strip().startswith('"')
+    assert subprocess.run([*command, "--etag-compare", str(saved)], capture_output=True, text=True, timeout=30).stdout == "304"
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_ranges_and_upload(server, tmp_path):
     app, port, folder = server

@@ -14,15 +14,20 @@ itself except through its connection:
   upload parser as they arrive;
 * limits: request line and headers over ``max_header_size`` (16 KiB) -> 431, a body over
   the connection's ``max_package_size`` -> 413, unparsable input -> 400, headers not
-  complete within ``header_timeout`` seconds -> 408. Each closes that connection only
-  and is counted (``protocol_error`` / ``package_too_large``);
+  complete within ``header_timeout`` seconds -> 408, no byte of a request body for
+  ``body_timeout`` seconds -> 408. Each closes that connection only and is counted
+  (``protocol_error`` / ``package_too_large``);
+* idle keep-alive connections (every answer sent and written out, nothing received for
+  ``keepalive_timeout`` seconds) are closed quietly;
 * streamed responses (files, chunked bodies, Server-Sent Events). A file is read in
   pieces only as fast as the client takes them: the connection tells the protocol when
   its send buffer is full and when it has drained, and the protocol stops and resumes
   reading the file accordingly, so memory stays bounded whatever the file size.
 
 The hot path (a small request, a ``str`` or ``bytes`` answer) builds the response from
-pre-encoded header bytes and a ``Date`` line refreshed once a second.
+pre-encoded header bytes and a ``Date`` line refreshed once a second. The timeouts cost
+it nothing either: the same once-a-second tick looks at every open connection's state
+and byte counters instead of arming a timer per request.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import asyncio
 import collections
 import mimetypes
 import os
+import re
 import stat
 import time
 from email.utils import formatdate, parsedate_to_datetime
@@ -77,10 +83,12 @@ _STREAM_UNFRAMED = "unframed"  # Chunk objects to an HTTP/1.0 client: raw, the e
 _STREAM_DISCARD = "discard"  # Chunk objects after a HEAD request: nothing is sent
 _STREAM_EVENTS = "events"  # Server-Sent Events until the connection closes
 
-# -- the once-a-second tick: the Date header, and connections whose headers are late ----
+# -- the once-a-second tick: the Date header, late headers, slow bodies, idle keep-alive --
 _date_line = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
 #: Protocols that are waiting for the rest of a request's headers, and since when.
 _waiting: dict[HttpProtocol, float] = {}
+#: Every open connection's protocol: the tick watches request bodies and idle keep-alive.
+_open: set[HttpProtocol] = set()
 _tick_handle: asyncio.TimerHandle | None = None
 
 
@@ -95,6 +103,11 @@ def _tick() -> None:
             elif now - since >= protocol.header_timeout:
                 _waiting.pop(protocol, None)
                 protocol._headers_timed_out()
+    if _open:
+        now = time.monotonic()
+        for protocol in list(_open):
+            if not protocol._watch(now):
+                _open.discard(protocol)
     try:
         _tick_handle = asyncio.get_running_loop().call_later(1.0, _tick)
     except RuntimeError:
@@ -118,15 +131,31 @@ class HttpProtocol(Protocol):
     responses (``str``, ``bytes``, :class:`Response` and its kinds).
 
     Class attributes to tune (set them in the start script, on this class or a subclass):
-    ``max_header_size`` (16 KiB), ``header_timeout`` (10 s), ``upload_memory_limit``
-    (1 MiB held in memory per uploaded file before it goes to a temporary file),
-    ``upload_dir`` (None: the system's temporary folder), ``file_chunk_size`` (128 KiB).
+
+    * ``max_header_size`` (16 KiB): request line and headers; more gets 431.
+    * ``header_timeout`` (10 s): a request's headers must be complete this long after
+      its first byte (after the connection opened, for the first request); else 408.
+    * ``body_timeout`` (30 s): while a request body is due, a gap this long without a
+      byte of it gets 408 (the time between two reads, not the whole upload; the clock
+      stops while the server itself is not reading or still owes earlier answers).
+    * ``keepalive_timeout`` (15 s): a connection with every answer sent and written out
+      that receives nothing for this long is closed, without an answer. A response still
+      being sent (a file, a chunked body, Server-Sent Events) keeps it open, and a
+      connection upgraded to WebSocket follows the WebSocket settings instead.
+    * ``upload_memory_limit`` (1 MiB held in memory per uploaded file before it goes
+      to a temporary file), ``upload_dir`` (None: the system's temporary folder),
+      ``file_chunk_size`` (128 KiB).
+
+    ``body_timeout`` and ``keepalive_timeout`` are checked once a second, so a
+    connection goes up to a second after its time; 0 (or None) turns either off.
     """
 
     scheme = "http"
 
     max_header_size = 16 * 1024
     header_timeout = 10.0
+    body_timeout: float | None = 30.0
+    keepalive_timeout: float | None = 15.0
     upload_memory_limit = 1024 * 1024
     upload_dir: str | None = None
     file_chunk_size = 128 * 1024
@@ -155,6 +184,8 @@ class HttpProtocol(Protocol):
         "_stream_close_after",
         "_deferred_error",
         "_graceful",
+        "_seen_read",
+        "_quiet_since",
     )
 
     def __init__(self, connection: Any) -> None:
@@ -181,9 +212,12 @@ class HttpProtocol(Protocol):
         self._stream_close_after = False
         self._deferred_error: ProtocolError | None = None
         self._graceful = False
+        self._seen_read = 0
+        self._quiet_since = 0.0
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
+        _open.add(self)
         if _tick_handle is None:
             _start_tick()
 
@@ -242,6 +276,51 @@ class HttpProtocol(Protocol):
         if not connection.closed:
             self._closing = True
             connection._protocol_error(ProtocolError(f"request headers not received within {self.header_timeout:g} s", response=REQUEST_TIMEOUT))
+
+    def _watch(self, now: float) -> bool:
+        """Once a second, from the tick: cut a stalled request body or an idle keep-alive
+        connection. False when this protocol no longer needs watching.
+
+        ``_quiet_since`` is when the tick first saw the connection quiet (no new bytes
+        read, no answer due or being written), 0 while it is not. Counting from that
+        tick rather than from the last byte means a connection is never cut early, at
+        most a second late.
+        """
+        connection = self.connection
+        if connection.closed or getattr(connection, "_protocol", None) is not self:
+            return False  # closed, or upgraded to another protocol (WebSocket) that has its own rules
+        read = connection.bytes_read
+        if read != self._seen_read:
+            self._seen_read = read
+            self._quiet_since = now
+            return True
+        if self._closing or self._waiting_since or self._pending or self._stream is not None or connection._recv_paused or connection._serial_paused or connection.send_buffer_size:
+            # on its way out, headers on their way (header_timeout's business), an answer
+            # still due or being written, or the server itself not reading: not quiet
+            self._quiet_since = 0.0
+            return True
+        if not self._quiet_since:
+            self._quiet_since = now
+            return True
+        if self._request is not None:  # headers received, the body is late
+            limit = self.body_timeout
+            if limit and now - self._quiet_since >= limit:
+                self._body_timed_out()
+                return False
+        else:
+            limit = self.keepalive_timeout
+            if limit and now - self._quiet_since >= limit:
+                self._closing = True
+                connection.close()
+                return False
+        return True
+
+    def _body_timed_out(self) -> None:
+        self._closing = True
+        self._request = None
+        self._body = None
+        self._multipart = None
+        self.connection._protocol_error(ProtocolError(f"no request body received for {self.body_timeout:g} s", response=REQUEST_TIMEOUT))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -503,6 +582,11 @@ class HttpProtocol(Protocol):
                     content_type += "; charset=utf-8"
                 headers.append(("Content-Type", content_type))
             headers.append(("Last-Modified", formatdate(modified, usegmt=True)))
+            if "etag" in names:
+                etag = response.get_header("etag") or ""
+            else:
+                etag = f'"{info.st_mtime_ns:x}-{size:x}"'
+                headers.append(("ETag", etag))
             headers.append(("Accept-Ranges", "bytes"))
             if response.download_name:
                 from urllib.parse import quote
@@ -511,17 +595,14 @@ class HttpProtocol(Protocol):
             status = response.status
             start, length = 0, size
             if request is not None and status == 200:
-                since = request.headers.get("if-modified-since")
-                if since is not None and request.headers.get("range") is None:
-                    try:
-                        not_modified = modified <= parsedate_to_datetime(since).timestamp()
-                    except (TypeError, ValueError, IndexError, OverflowError):
-                        not_modified = False
-                    if not_modified:
-                        file.close()
+                verdict = _preconditions(request, etag, modified)
+                if verdict:
+                    file.close()
+                    if verdict == 304:
                         return self._encode_response(Response(b"", 304, headers=[h for h in headers if h[0] != "Content-Type"]), request)
-                ranges = request.headers.get("range")
-                if ranges is not None:
+                    return self._encode_response(Response("Precondition Failed\n", 412, content_type="text/plain; charset=utf-8"), request)
+                ranges = request.headers.get("range") if request.method == "GET" else None
+                if ranges is not None and _range_applies(request.headers.get("if-range"), etag, modified):
                     wanted = _parse_range(ranges, size)
                     if wanted is None:
                         file.close()
@@ -595,12 +676,90 @@ class HttpProtocol(Protocol):
         if self._waiting_since:
             self._waiting_since = 0.0
             _waiting.pop(self, None)
+        _open.discard(self)
         stream = self._stream
         if stream is not None and stream.__class__ is _FilePump:
             stream.file.close()
         self._stream = None
         self._held = None
         self._pending.clear()
+
+
+# -- conditional requests (RFC 9110, section 13) ---------------------------------------------
+_ENTITY_TAG = re.compile(r'(W/)?("[^"]*")')
+
+
+def _tag_in(header: str, etag: str, strong: bool) -> bool:
+    """Whether the entity-tag list ``header`` (``If-Match`` and the like) names ``etag``.
+
+    Strong comparison (``If-Match``, ``If-Range``) needs both tags strong and equal; weak
+    comparison (``If-None-Match``) compares them without their ``W/``.
+    """
+    if header.strip() == "*":
+        return True
+    ours_weak = etag.startswith("W/")
+    ours = etag[2:] if ours_weak else etag
+    if strong and ours_weak:
+        return False
+    for weak, tag in _ENTITY_TAG.findall(header):
+        if tag == ours and not (strong and weak):
+            return True
+    return False
+
+
+def _http_date(value: str | None) -> float | None:
+    """The Unix time of an HTTP date, None when it is absent or not a date."""
+    if value is None:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _joined(request: Request, name: str) -> str | None:
+    """Every value of a list header, joined (clients may repeat ``If-None-Match``)."""
+    values = request.headers.getall(name)
+    return ", ".join(values) if values else None
+
+
+def _preconditions(request: Request, etag: str, modified: int) -> int:
+    """Evaluate a file request's conditions in RFC 9110's order: 0 to answer normally,
+    304 (Not Modified) or 412 (Precondition Failed).
+
+    ``If-Match`` (or, without it, ``If-Unmodified-Since``) fails with 412; a matching
+    ``If-None-Match`` gives 304 to GET and HEAD, 412 to other methods; only without
+    ``If-None-Match`` does ``If-Modified-Since`` count, for GET and HEAD.
+    """
+    if_match = _joined(request, "if-match")
+    if if_match is not None:
+        if not _tag_in(if_match, etag, strong=True):
+            return 412
+    else:
+        since = _http_date(request.headers.get("if-unmodified-since"))
+        if since is not None and modified > since:
+            return 412
+    safe = request.method == "GET" or request.method == "HEAD"
+    if_none_match = _joined(request, "if-none-match")
+    if if_none_match is not None:
+        if _tag_in(if_none_match, etag, strong=False):
+            return 304 if safe else 412
+    elif safe:
+        since = _http_date(request.headers.get("if-modified-since"))
+        if since is not None and modified <= since:
+            return 304
+    return 0
+
+
+def _range_applies(if_range: str | None, etag: str, modified: int) -> bool:
+    """Whether ``Range`` is honoured: no ``If-Range``, or one naming the current file (its
+    strong entity tag, or exactly its ``Last-Modified`` date). Otherwise the whole file goes."""
+    if if_range is None:
+        return True
+    if_range = if_range.strip()
+    if if_range.startswith('"') or if_range.startswith("W/"):
+        return _tag_in(if_range, etag, strong=True)
+    return _http_date(if_range) == modified
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:

@@ -5,7 +5,7 @@
 * ``str`` or ``bytes``: a ``200 OK`` response with that body (``text/html; charset=utf-8``);
 * a :class:`Response`: status, headers, cookies and body as given;
 * a :class:`FileResponse`: a file from disk, streamed in pieces as the send buffer drains,
-  with ``Range`` (206) and ``If-Modified-Since`` (304) answered;
+  with an ``ETag``, conditional requests (304, 412) and ``Range`` (206) answered;
 * ``Response(..., chunked=True)``, then :class:`Chunk` objects, then ``Chunk(b"")``;
 * an :class:`EventStream`, then :class:`ServerSentEvent` objects, for as long as the
   connection stays open.
@@ -165,11 +165,20 @@ class FileResponse(Response):
 
     ``FileResponse(path, status=200, headers=None, *, content_type=None, download_name=None)``.
     The content type is guessed from the name when not given. ``Last-Modified``,
-    ``Accept-Ranges: bytes`` and ``Content-Length`` are set; a request's
-    ``If-Modified-Since`` gets ``304 Not Modified`` when the file has not changed since,
-    and a single ``Range: bytes=a-b`` gets ``206 Partial Content`` (``416`` when it lies
-    beyond the end). ``download_name`` adds ``Content-Disposition: attachment``.
-    A missing file gives ``404``.
+    ``ETag`` (a strong validator made of the file's modification time in nanoseconds
+    and its size, unless ``headers`` gives one), ``Accept-Ranges: bytes`` and
+    ``Content-Length`` are set.
+
+    Conditional requests are evaluated in RFC 9110's order: ``If-Match`` (or, without
+    it, ``If-Unmodified-Since``) that fails gets ``412 Precondition Failed``;
+    ``If-None-Match`` naming the current tag (or ``*``) gets ``304 Not Modified`` for
+    GET and HEAD (412 for other methods), and when it is present ``If-Modified-Since`` is
+    ignored; otherwise ``If-Modified-Since`` gets 304 when the file has not changed since.
+    A single ``Range: bytes=a-b`` on a GET gets ``206 Partial Content`` (``416`` when it
+    lies beyond the end), unless an ``If-Range`` names another version of the file (a
+    different tag, or a date other than its ``Last-Modified``): then the whole file
+    goes with 200. ``download_name`` adds ``Content-Disposition: attachment``. A missing
+    file gives ``404``. Only a ``status`` of 200 is subject to conditions and ranges.
     """
 
     __slots__ = ("path", "download_name")
