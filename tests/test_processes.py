@@ -375,3 +375,37 @@ w.on_message = lambda conn, request: conn.send(Response(f"{os.getpid()} {request
     assert failures == []
     assert answered > 100
     assert answering_pids & before and answering_pids & after  # served by old, then new workers
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (and been reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_quick_reload_asked_during_a_graceful_reload_step_still_retires_the_old_worker(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="slowstart")
+
+async def on_worker_start(worker):
+    await asyncio.sleep(1.0)  # a new process needs a while to serve
+
+w.on_worker_start = on_worker_start
+w.on_message = lambda conn, line: conn.send(str(os.getpid()))
+"""
+    ).start()
+    (first,) = [p["pid"] for p in app.wait_running(1)]
+    master = app.master_pid()
+    os.kill(master, signal.SIGUSR2)  # graceful reload: the replacement starts ...
+    time.sleep(0.3)
+    os.kill(master, signal.SIGUSR1)  # ... and a quick reload is asked meanwhile
+    wait_for(lambda: _gone(first), timeout=10, what=f"the first worker {first} to exit")
+    (last,) = [p["pid"] for p in app.wait_running(1)]
+    assert last != first
+    sock = connect(app.port())
+    sock.sendall(b"x\n")
+    assert read_lines(sock, 1) == [str(last)]

@@ -137,6 +137,7 @@ class ReloadStep:
     old_pid: int
     new_pid: int | None
     phase: str  # "exit": waiting for the old process to go; "ready": for the new one to serve
+    graceful: bool  # how this step replaces the process (a reload asked meanwhile does not change it)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -641,7 +642,7 @@ class Master:
                 log.exception("exception in on_worker_exit")
         key = child.key
         step = self.reload_step
-        if step is not None and step.phase == "ready" and step.new_pid == child.pid and self.reload_graceful:
+        if step is not None and step.phase == "ready" and step.new_pid == child.pid and step.graceful:
             # The replacement died before it served: keep the old process, give up the reload.
             self.reload_step = None
             self.reload_queue.clear()
@@ -776,12 +777,12 @@ class Master:
                         self.reload_queue.appendleft(key)
                         return
                     old.retiring = True
-                    self.reload_step = ReloadStep(key, old_pid, new_pid, "ready")
+                    self.reload_step = ReloadStep(key, old_pid, new_pid, "ready", graceful=True)
                 else:
                     old.kill_at = now + stop_timeout + 3.0
                     old.stop_requested = True
                     self.send(old_pid, signal.SIGUSR1)
-                    self.reload_step = ReloadStep(key, old_pid, None, "exit")
+                    self.reload_step = ReloadStep(key, old_pid, None, "exit", graceful=False)
                 log.info("reload: replacing worker %s[%d] pid %d", old.worker.name, key[1], old_pid)
                 return
             log.info("reload done")
@@ -805,7 +806,7 @@ class Master:
             states = {record.pid: record.state for record in self.table.read_slots()}
             if states.get(new_pid) != STATE_RUNNING and now - step.started > RELOAD_READY_TIMEOUT:
                 name = self.workers[step.key[0]].name
-                if self.reload_graceful and new_pid in self.children:
+                if step.graceful and new_pid in self.children:
                     log.error("reload: new worker %s[%d] pid %d is not serving after %.0f s: killing it", name, step.key[1], new_pid, RELOAD_READY_TIMEOUT)
                     self.send(new_pid, signal.SIGKILL)  # its exit abandons the reload, the old one stays
                     step.started = now
@@ -816,7 +817,7 @@ class Master:
                     self.header_dirty = True
                 return
             if states.get(new_pid) == STATE_RUNNING:
-                if self.reload_graceful:
+                if step.graceful:
                     retiring = self.children.get(step.old_pid)
                     if retiring is not None:
                         retiring.kill_at = None  # a graceful stop takes as long as its connections need (stop_timeout)
