@@ -197,3 +197,44 @@ w.on_error = on_error
     assert received == expected
     wait_for(lambda: app.read_json("results.json")["drain"] == 1, what="on_buffer_drain")
     assert set(app.read_json("results.json")["errors"]) == {2}  # SEND_FAIL
+
+
+def test_a_tls_side_of_two_way_pipes_closes_where_plain_tcp_would_half_close(app_factory, certificates):
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(1)
+    app = app_factory(
+        f"""
+w = Worker("tcp://127.0.0.1:0", name="tlsproxy", ssl={{"certfile": {certificates["cert"]!r}, "keyfile": {certificates["key"]!r}}})
+
+def on_connect(client):
+    upstream = AsyncTcpConnection("tcp://127.0.0.1:{target.getsockname()[1]}")
+    client.pipe(upstream)
+    upstream.pipe(client)
+    upstream.on_close = lambda _: client.close()
+    client.on_close = lambda _: upstream.close()
+    upstream.connect()
+
+w.on_connect = on_connect
+"""
+    ).start()
+    client = tls_connect(app.port(), certificates["client"], timeout=10)
+    client.sendall(b"hello")
+    upstream, _ = target.accept()
+    upstream.settimeout(10)
+    assert upstream.recv(100) == b"hello"
+    answer = b"a" * 300_000
+    upstream.sendall(answer)
+    upstream.shutdown(socket.SHUT_WR)  # plain TCP would pass this on; TLS cannot: the proxy closes
+    received = bytearray()
+    while chunk := client.recv(1 << 20):
+        received += chunk
+    assert received == answer  # all of it, then the end
+    assert upstream.recv(100) == b""  # the plain side is closed too, without the client closing
+    client.close()  # (the TLS shutdown waits for the client's close_notify)
+    wait_for(lambda: app.processes()[0]["connections"] == 0, what="both sides closed")
+    process = app.processes()[0]
+    assert process["throw_exception"] == 0 and process["send_fail"] == 0
+    assert "eof_received" not in app.log() and "Traceback" not in app.log()
+    upstream.close()
+    target.close()

@@ -8,8 +8,15 @@ bytes flow both ways through ``pipe()``.
 ``pipe()`` carries the backpressure: when one side cannot keep up, the send buffer of
 the connection towards it fills, and the connection it reads from stops reading until
 that buffer has drained. A slow destination thus slows the source down instead of
-growing the proxy's memory. Each side closes the other once it has closed, after its
-send buffer was written out.
+growing the proxy's memory.
+
+A half-close is passed on: when one peer has finished sending (``shutdown(SHUT_WR)``,
+``nc -N``), the proxy writes out what it sent and ends the stream towards the other peer,
+whose answer still flows back; once both have finished, both connections close. (A peer
+that closes its socket looks the same: the other peer sees the end of the stream, and
+the proxy waits for it to finish too.) When a connection is lost (a reset) or runs over
+TLS, which cannot half-close, ``on_close`` closes the other one, after its send buffer
+was written out.
 """
 
 from __future__ import annotations

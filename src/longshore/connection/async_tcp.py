@@ -123,6 +123,8 @@ class AsyncTcpConnection(TcpConnection):
         if self._connect_task is not None and not self._connect_task.done():
             return  # an attempt is under way
         loop = asyncio.get_running_loop()
+        if self._state is CLOSED:  # a new connection: both ways open again
+            self._got_eof = self._read_shut = self._write_shut = False
         self._state = CONNECTING
         self._reconnect_handle = None
         self._connect_task = loop.create_task(self._connect())
@@ -171,11 +173,18 @@ class AsyncTcpConnection(TcpConnection):
         pending, self._pending, self._pending_size = self._pending, [], 0
         if pending:
             self.transport.write(b"".join(pending))  # type: ignore[union-attr]
+        if self._write_shut:  # a pipe's source finished while connecting: end the stream after it
+            self.transport.write_eof()  # type: ignore[union-attr]
         if self._was_full and not self._buffer_full:
             self.resume_writing()  # what waited is on its way: let a paused source go on
 
+    def _can_write_eof(self) -> bool:
+        if self._state is CONNECTING:
+            return self._ssl_context is None
+        return super()._can_write_eof()
+
     def _write_ignoring_limit(self, data: bytes | bytearray) -> None:
-        if self._state is not CONNECTING:
+        if self._state is not CONNECTING or self._write_shut:
             super()._write_ignoring_limit(data)
             return
         # A pipe into a connection still being made: keep the data, and pause the
@@ -187,7 +196,7 @@ class AsyncTcpConnection(TcpConnection):
             self.pause_writing()
 
     def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
-        if self._state is CONNECTING:
+        if self._state is CONNECTING and not self._write_shut:
             if not raw:
                 data = self._encode(data)
             elif isinstance(data, str):

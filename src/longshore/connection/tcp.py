@@ -140,6 +140,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         "_buffer_full",
         "_unsent_hint",
         "_remote",
+        "_pipe_to",
+        "_got_eof",
+        "_read_shut",
+        "_write_shut",
         "__dict__",
     )
 
@@ -167,6 +171,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._buffer_full = False
         self._unsent_hint = 0
         self._remote: Any = None
+        self._pipe_to: TcpConnection | None = None
+        self._got_eof = False  # the peer has finished sending
+        self._read_shut = False  # ... and all it sent was passed on (a two-way pipe)
+        self._write_shut = False  # our end of the stream was sent (after the send buffer)
 
     @property
     def protocol(self) -> Protocol:
@@ -265,11 +273,57 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                 self._write_cork(cork)
 
     def eof_received(self) -> bool | None:
+        if self._got_eof:  # reading resumed after the peer had finished: nothing new
+            return True
+        self._got_eof = True
+        if self._pipes_half_close():
+            # Both ways piped (a proxy): pass the half-close on, keep the other way open.
+            if self._serial is not None:
+                self._queue_serial(TcpConnection._input_ended, (self,))
+            else:
+                self._input_ended()
+            return True
         if self._serial is not None:
             # The peer has finished sending, but callbacks still run: answer them, then close.
             self._queue_serial(TcpConnection.close, (self,))
             return True
         return None  # close our side too, once the send buffer is written out
+
+    def _pipes_half_close(self) -> bool:
+        """True when this connection and the one it pipes into pipe into each other and
+        both can end their stream while reading on (plain TCP or Unix sockets, not TLS)."""
+        dest = self._pipe_to
+        return dest is not None and dest._pipe_to is self and self._can_write_eof() and dest._can_write_eof()
+
+    def _can_write_eof(self) -> bool:
+        """True when this connection can end its stream and keep reading (not TLS)."""
+        return self._state is ESTABLISHED and self.transport is not None and self.transport.can_write_eof()
+
+    def _input_ended(self) -> None:
+        """Everything the peer sent has been passed on: end the stream towards the pipe's
+        destination (after its send buffer), and close once both ways have ended."""
+        self._read_shut = True
+        dest = self._pipe_to
+        if dest is not None and not dest.closed:
+            dest._shut_write()
+        elif self._state is ESTABLISHED:  # nobody left to answer through this connection
+            self.close()
+            return
+        if self._write_shut and self._state is ESTABLISHED:
+            self.close()
+
+    def _shut_write(self) -> None:
+        """Send the end of the stream once the send buffer is written out; reading goes on.
+        Sends are refused from now on. Closes the connection when its peer had ended too."""
+        if self._write_shut:
+            return
+        self._write_shut = True
+        if self._state is not ESTABLISHED:  # connecting: sent when established
+            return
+        self._flush_cork()
+        self.transport.write_eof()  # type: ignore[union-attr]
+        if self._read_shut:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state is CLOSED:
@@ -320,9 +374,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         """Encode ``data`` with the connection's protocol (unless ``raw``) and send it.
 
         Returns True (the socket took all of it), None (accepted; some of it waits in the send buffer) or False
-        (refused: connection closed, or send buffer full and the data dropped).
+        (refused: connection closed or its stream ended by a piped half-close, or send buffer full and the
+        data dropped).
         """
-        if self._state is not ESTABLISHED:
+        if self._state is not ESTABLISHED or self._write_shut:
             return self._send_when_not_established(data, raw)
         if not raw:
             data = self._encode(data)
@@ -378,7 +433,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
 
     def _write_ignoring_limit(self, data: bytes | bytearray) -> None:
         """Write without the buffer-size check (pipes: the source pauses instead)."""
-        if self._state is not ESTABLISHED:
+        if self._state is not ESTABLISHED or self._write_shut:
             _stats.send_fail += 1
             return
         self._flush_cork()
@@ -482,8 +537,15 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         again once ``dest`` has drained. This replaces this connection's ``on_message``
         and ``dest``'s ``on_buffer_full``/``on_buffer_drain``. Closing is left to the
         application (close ``dest`` in this connection's ``on_close`` if that is wanted).
+
+        When the two connections pipe into each other (a proxy), a half-close is passed
+        on: once one peer has finished sending, what it sent is written out to the other
+        and that one's stream is ended (``shutdown(SHUT_WR)``); the other way goes on
+        until its peer finishes too, then both connections close. TLS cannot half-close:
+        a TLS connection on either side closes when its peer finishes, as when not piped.
         """
         source = self
+        self._pipe_to = dest
 
         def forward(connection: TcpConnection, data: Any) -> None:
             dest._write_ignoring_limit(data if isinstance(data, (bytes, bytearray)) else dest.protocol.encode(data))
@@ -537,7 +599,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         log.info("connection %s from %s closed: %s", self.id, self.remote_address, exc)
         self._emit_error(exc.code, str(exc))
         if self._state is ESTABLISHED:
-            if exc.response:
+            if exc.response and not self._write_shut:
                 self.transport.write(exc.response)  # type: ignore[union-attr]
                 self.bytes_written += len(exc.response)
             self.close()
