@@ -426,3 +426,79 @@ web.on_message = on_request
     assert time.monotonic() - started < 6  # not at the end of stop_timeout
     stopping.join(30)
     sock.close()
+
+
+HELD = (
+    RECORDER
+    + """
+w = Worker("websocket://127.0.0.1:0", name="ws")
+MESSAGE = 298  # a 300-byte text message is a 304-byte frame: three fit under 1000, the fourth reaches it
+results.update(returns={}, errors={}, buffered={}, received=[])
+
+def send_three(conn, prefix):
+    path = conn.websocket.request.path if conn.websocket.request else "/" + results.setdefault("next", "?")
+    for i in range(3):
+        results["returns"].setdefault(path, []).append(conn.send(f"{prefix}{i}" + "x" * MESSAGE))
+    results["buffered"][path] = conn.send_buffer_size
+    save()
+
+def on_connect(conn):
+    conn.max_send_buffer_size = 1000
+    conn.on_error = lambda c, code, message: (results["errors"].setdefault(c.websocket.request.path, []).append(code), save())
+    for i in range(3):
+        results["returns"].setdefault(str(conn.id), []).append(conn.send(f"c{i}" + "x" * MESSAGE))
+
+async def later(conn):
+    await asyncio.sleep(0.05)
+    send_three(conn, "w")
+
+def on_websocket_connect(conn, request):
+    results["returns"][request.path] = results["returns"].pop(str(conn.id))
+    if request.path == "/later":
+        return later(conn)
+    send_three(conn, "w")
+
+w.on_connect = on_connect
+w.on_websocket_connect = on_websocket_connect
+w.on_websocket_connected = lambda conn: conn.send("open")
+w.on_message = lambda conn, message: (results["received"].append(message[:2]), save())
+
+client = Worker(None, name="client")
+
+def start(worker):
+    global RESULTS  # this process records into a file of its own
+    RESULTS = os.path.join(os.environ["APP_DIR"], "client.json")
+    results.clear()
+    conn = AsyncTcpConnection(w.bound_listen.replace("websocket://", "ws://") + "/from-client")
+    conn.max_send_buffer_size = 1000
+    conn.on_error = lambda c, code, message: (results.setdefault("errors", []).append(code), save())
+    results["returns"] = [conn.send(f"k{i}" + "x" * MESSAGE) for i in range(6)]  # held while connecting
+    results["buffered"] = conn.send_buffer_size
+    conn.connect()
+    save()
+
+client.on_worker_start = start
+"""
+)
+
+
+def test_frames_sent_before_the_handshake_count_toward_the_send_buffer_and_follow_the_101_in_order(app_factory):
+    app = app_factory(HELD).start()
+    port = app.port()
+    for path in ("/now", "/later"):
+        sock = handshake(port, path)
+        frames = [read_frame(sock)[2][:2] for _ in range(5)]
+        assert frames == [b"c0", b"c1", b"c2", b"w0", b"op"], path  # "open" is sent after the 101
+        sock.close()
+    results = wait_for(lambda: (r := app.read_json("results.json")) and len(r["received"]) == 4 and r, what="the client's messages")
+    for path in ("/now", "/later"):
+        assert results["returns"][path] == [None, None, None, None, False, False], path
+        assert results["errors"][path] == [2, 2], path  # SEND_FAIL
+        assert results["buffered"][path] == 4 * 304
+    # The client: held while connecting, then until the server's 101, within the same limit.
+    client = app.read_json("client.json")
+    assert client["returns"] == [None, None, None, None, False, False]
+    assert client["errors"] == [2, 2]
+    assert client["buffered"] == 4 * 308  # masked frames: 4 bytes more each
+    assert results["received"] == ["k0", "k1", "k2", "k3"]
+    wait_for(lambda: sum(p["send_fail"] for p in app.processes()) >= 6, what="send_fail counted")

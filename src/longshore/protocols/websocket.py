@@ -390,6 +390,7 @@ class WebSocketProtocol(Protocol):
         "_fragment_compressed",
         "_fragment_size",
         "_held",
+        "_held_size",
         "_deflate_window",
         "_inflater",
         "_close_sent",
@@ -412,7 +413,9 @@ class WebSocketProtocol(Protocol):
         self._fragment_opcode = 0
         self._fragment_compressed = False
         self._fragment_size = 0
+        #: Frames sent before the handshake is answered (None once it is), and their size.
         self._held: list[bytes] | None = []
+        self._held_size = 0
         #: Window bits to compress with; 0 when permessage-deflate is off.
         self._deflate_window = 0
         self._inflater: Any = None
@@ -436,8 +439,7 @@ class WebSocketProtocol(Protocol):
                 pass
 
     def _adopt(self, connection: Any) -> None:
-        if isinstance(connection, TcpConnection) and not isinstance(connection, WebSocketMethods):
-            connection.__class__ = websocket_class(type(connection))
+        _adopt(connection, self.client)
 
     @property
     def compressed(self) -> bool:
@@ -458,6 +460,34 @@ class WebSocketProtocol(Protocol):
 
     def _setting(self, name: str) -> Any:
         return getattr(self.connection.worker, "websocket_" + name, getattr(type(self), name))
+
+    def hold(self, message: Any, raw: bool = False) -> bool | None:
+        """``send()`` before the handshake is answered: keep the frame for after the 101.
+
+        Held frames count toward the connection's ``max_send_buffer_size`` like a send
+        buffer: a frame is held while less than that waits (None), else it is dropped,
+        counted in ``send_fail`` and reported to ``on_error`` (False).
+        """
+        connection: Any = self.connection
+        if self._held_size >= connection.max_send_buffer_size:
+            connection._drop()
+            return False
+        if not raw:
+            self.encode(message)  # held by encode
+        else:
+            data = message.encode() if isinstance(message, str) else bytes(message)
+            self._held.append(data)  # type: ignore[union-attr]
+            self._held_size += len(data)
+        return None
+
+    def _release_held(self, connection: Any) -> bytes:
+        """The handshake is accepted: the frames held so far, and ``send()`` sends again."""
+        held, self._held = self._held, None
+        self._held_size = 0
+        open_class = getattr(type(connection), "_open_class", None)
+        if open_class is not None:
+            connection.__class__ = open_class
+        return b"".join(held) if held else b""
 
     # -- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[Any]:
@@ -638,7 +668,9 @@ class WebSocketProtocol(Protocol):
             headers = _BINARY_HEADERS
             opcode = 0x82
         if self._held is not None:  # the handshake is not done yet: the frame waits
-            self._held.append(self._frame(opcode, payload))
+            frame = self._frame(opcode, payload)
+            self._held.append(frame)
+            self._held_size += len(frame)
             return b""
         size = len(payload)
         if size < 126 and not self.client and (not self._deflate_window or size < self.compress_min_size):
@@ -837,12 +869,14 @@ class WebSocketProtocol(Protocol):
         if connection.closed:  # the application closed it while deciding
             self._state = _CLOSED
             self._held = None
+            self._held_size = 0
             return False
         if decision is False:
             decision = 403
         if isinstance(decision, int) and not isinstance(decision, bool):
             self._state = _CLOSED
             self._held = None
+            self._held_size = 0
             response = _error_response(decision)
             connection.transport.write(response)
             connection.bytes_written += len(response)
@@ -865,11 +899,11 @@ class WebSocketProtocol(Protocol):
                 lines.append(b"Sec-WebSocket-Extensions: %s\r\n" % answer.encode())
         lines.append(b"\r\n")
         self.compress_min_size = self._setting("compress_min_size")
-        held, self._held = self._held, None
+        held = self._release_held(connection)
         self._state = _OPEN
         handshake = b"".join(lines)
-        connection.transport.write(handshake + b"".join(held or ()))
-        connection.bytes_written += len(handshake)
+        connection.transport.write(handshake + held)
+        connection.bytes_written += len(handshake) + len(held)
         self._start_heartbeat()
         if self._going_away:
             self.graceful_close()
@@ -925,6 +959,32 @@ class WebSocketMethods:
         super().close()  # type: ignore[misc]
 
 
+class _HandshakeMethods:
+    """A WebSocket connection whose handshake is not answered yet: what it sends is held.
+
+    Its class, for the time of the handshake, is the open class with this in front;
+    the protocol puts the open class back when the handshake is accepted, so the send
+    path of an open connection is :class:`~longshore.TcpConnection`'s own, untouched.
+    """
+
+    __slots__ = ()
+    _protocol: Any
+
+    def send(self, data: Any, raw: bool = False) -> bool | None:
+        """Hold ``data`` (as a frame, unless ``raw``) until the handshake is accepted."""
+        protocol = self._protocol
+        if not isinstance(protocol, WebSocketProtocol) or protocol._held is None or self.closed:  # type: ignore[attr-defined]
+            return super().send(data, raw)  # type: ignore[misc,no-any-return]
+        return protocol.hold(data, raw)  # type: ignore[no-any-return]
+
+    @property
+    def send_buffer_size(self) -> int:
+        """Bytes accepted by ``send()`` and not yet written to the socket (held frames too)."""
+        protocol = self._protocol
+        held = protocol._held_size if isinstance(protocol, WebSocketProtocol) else 0
+        return super().send_buffer_size + held  # type: ignore[misc,no-any-return]
+
+
 class WebSocketConnection(WebSocketMethods, TcpConnection):
     """An accepted connection speaking WebSocket: adds :meth:`ping` and a close handshake.
 
@@ -962,6 +1022,7 @@ def _close_socket(connection: Any) -> None:
 
 
 _classes: dict[tuple[type, bool], type] = {TcpConnection: WebSocketConnection}  # type: ignore[dict-item]
+_handshake_classes: dict[type, type] = {}
 
 
 def websocket_class(base: type, client: bool = False) -> type:
@@ -981,6 +1042,28 @@ def websocket_class(base: type, client: bool = False) -> type:
             cls = type(f"WebSocket{base.__name__}", (*mixins, base), {"__slots__": (), "__doc__": base.__doc__, "__module__": __name__})
         _classes[key] = cls  # type: ignore[index]
     return cls
+
+
+def _handshake_class(open_class: type) -> type:
+    """The class a connection of ``open_class`` has until its handshake is accepted."""
+    cls = _handshake_classes.get(open_class)
+    if cls is None:
+        namespace = {"__slots__": (), "__doc__": open_class.__doc__, "__module__": open_class.__module__, "_open_class": open_class}
+        cls = type(open_class.__name__, (_HandshakeMethods, open_class), namespace)
+        cls.__qualname__ = open_class.__qualname__
+        _handshake_classes[open_class] = cls
+    return cls
+
+
+def _adopt(connection: Any, client: bool) -> None:
+    """Give ``connection`` the class of a WebSocket connection whose handshake is under way."""
+    if not isinstance(connection, TcpConnection):
+        return
+    current = type(connection)
+    if "_open_class" in current.__dict__:
+        return
+    open_class = current if issubclass(current, WebSocketMethods) else websocket_class(current, client)
+    connection.__class__ = _handshake_class(open_class)
 
 
 # -- upgrade from http:// ---------------------------------------------------------------------
@@ -1051,10 +1134,7 @@ class WebSocketClientProtocol(WebSocketProtocol):
         self._key = base64.b64encode(os.urandom(16)).decode()
         if isinstance(previous, WebSocketClientProtocol) and previous._held:
             self._held = previous._held  # frames sent between the constructor and connect()
-
-    def _adopt(self, connection: Any) -> None:
-        if isinstance(connection, TcpConnection) and not isinstance(connection, WebSocketMethods):
-            connection.__class__ = websocket_class(type(connection), client=True)
+            self._held_size = previous._held_size
 
     def _setting(self, name: str) -> Any:
         return getattr(self.connection, "websocket_" + name, getattr(type(self), name))
@@ -1117,10 +1197,10 @@ class WebSocketClientProtocol(WebSocketProtocol):
             self._inflater = None if "server_no_context_takeover" in params else zlib.decompressobj(-15)
         self.compress_min_size = self._setting("compress_min_size")
         self._state = _OPEN
-        held, self._held = self._held, None
         connection = self.connection
+        held = self._release_held(connection)
         if held:
-            self._write(b"".join(held))
+            self._write(held)
         self._start_heartbeat()
         handler = connection._handlers.on_connect
         if handler is not None:
@@ -1130,6 +1210,7 @@ class WebSocketClientProtocol(WebSocketProtocol):
     def _refused(self, message: str) -> list[Any]:
         self._state = _CLOSED
         self._held = None
+        self._held_size = 0
         connection: Any = self.connection
         _stats.connect_fail += 1
         connection._emit_error(CONNECT_FAIL, f"websocket handshake with {connection.remote_url} failed: {message}")
