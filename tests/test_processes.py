@@ -409,3 +409,27 @@ w.on_message = lambda conn, line: conn.send(str(os.getpid()))
     sock = connect(app.port())
     sock.sendall(b"x\n")
     assert read_lines(sock, 1) == [str(last)]
+
+
+def test_stop_is_not_lost_behind_many_exited_workers(app_factory):
+    app = app_factory(
+        """
+idle = Worker(None, name="idle", count=20)
+marker = os.path.join(os.environ["APP_DIR"], "busy")
+
+def busy_master():
+    with open(marker, "w"):
+        pass
+    time.sleep(2.5)  # the master loop is held up: signals pile up meanwhile
+
+Worker.on_master_start = lambda: Timer.add(0.5, busy_master, persistent=False)
+"""
+    ).start()
+    pids = [p["pid"] for p in app.wait_running(20)]
+    master = app.master_pid()
+    wait_for(lambda: (app.folder / "busy").exists(), what="the master's busy timer")
+    for pid in pids:  # twenty children exit while the master is busy: twenty SIGCHLD
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.03)
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: _gone(master), timeout=15, what="the master to stop")

@@ -347,7 +347,9 @@ class Master:
         signal.signal(signal.SIGIO, signal.SIG_IGN)
 
     def on_signal(self, signum: int, frame: Any) -> None:
-        if len(self.signal_queue) < 16:
+        # SIGCHLD only wakes the loop (which reaps on every pass): exiting children
+        # must not fill the queue and crowd out a stop.
+        if signum != signal.SIGCHLD and len(self.signal_queue) < 16:
             self.signal_queue.append(signum)
         try:
             os.write(self.wake_w, b".")
