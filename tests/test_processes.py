@@ -433,3 +433,34 @@ Worker.on_master_start = lambda: Timer.add(0.5, busy_master, persistent=False)
         time.sleep(0.03)
     os.kill(master, signal.SIGTERM)
     wait_for(lambda: _gone(master), timeout=15, what="the master to stop")
+
+
+def test_reload_says_when_the_master_abandoned_it_and_exits_1(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="fragile", count=2)
+broken = os.path.join(os.environ["APP_DIR"], "broken")
+
+def on_worker_start(worker):
+    if os.path.exists(broken):
+        raise RuntimeError("the new code cannot start")
+
+w.on_worker_start = on_worker_start
+w.on_message = lambda conn, line: conn.send(line)
+"""
+    ).start()
+    before = {p["pid"] for p in app.wait_running(2)}
+    (app.folder / "broken").touch()
+    result = app.cli("reload", "-g", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "reload abandoned: the new worker fragile[0] exited (exit code 3) before serving" in result.stderr
+    assert "reloaded" not in result.stdout
+    assert {p["pid"] for p in app.wait_running(2)} == before  # the old workers keep serving
+    last = app.status()["master"]["last_reload"]
+    assert last["result"] == "abandoned" and "exit code 3" in last["reason"]
+
+    (app.folder / "broken").unlink()
+    result = app.cli("reload", "-g")
+    assert "reloaded (2 new worker process(es))" in result.stdout
+    assert app.status()["master"]["last_reload"]["result"] == "done"
+    assert not before & {p["pid"] for p in app.wait_running(2)}

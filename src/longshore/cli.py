@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from .runtime import Runtime
 from .stats import StatsTable
@@ -159,9 +160,14 @@ def stop(runtime: Runtime, workers: list[Worker], graceful: bool) -> int:
 
 
 def reload(runtime: Runtime, master_pid: int, graceful: bool, wait: bool) -> int:
-    """``reload``: signal the master; wait until every worker has been replaced."""
+    """``reload``: signal the master; wait until every worker has been replaced.
+
+    Exits with status 1 when the master gave the reload up (a new worker could not
+    start: the old ones keep serving), saying why.
+    """
     table = open_table(runtime) if wait else None
     before = {record.pid for record in table.read_slots()} if table else set()
+    previous = _last_reload(table) if table else None
     os.kill(master_pid, signal.SIGUSR2 if graceful else signal.SIGUSR1)
     print(f"longshore: {'graceful ' if graceful else ''}reload sent to master pid {master_pid}", flush=True)
     if table is None:
@@ -171,15 +177,36 @@ def reload(runtime: Runtime, master_pid: int, graceful: bool, wait: bool) -> int
         time.sleep(0.2)
         while time.monotonic() < deadline:
             header = table.read_header().get("master", {})
-            if not header.get("reloading"):
+            if previous is None:  # a master that does not say how its reloads went
+                finished = not header.get("reloading")
+                outcome: dict[str, Any] = {"result": "done"}
+            else:
+                outcome = header.get("last_reload") or {}
+                finished = outcome.get("id", 0) > previous.get("id", 0) and outcome.get("result") != "running"
+            if finished and outcome.get("result") == "abandoned":
+                print(f"longshore: reload abandoned: {outcome.get('reason')}; see {runtime.log_file}", file=sys.stderr)
+                return 1
+            if finished:
                 after = {record.pid for record in table.read_slots() if record.state == 2}
                 print(f"longshore: reloaded ({len(after - before)} new worker process(es))")
                 return 0
+            if not _alive(master_pid):
+                print(f"longshore: master pid {master_pid} exited during the reload", file=sys.stderr)
+                return 1
             time.sleep(0.1)
         print("longshore: the reload is still running; see status", file=sys.stderr)
         return 1
     finally:
         table.close()
+
+
+def _last_reload(table: StatsTable) -> dict[str, Any] | None:
+    """The master's record of its latest reload (``{}`` before the first one), or None
+    when the master does not keep one."""
+    header = table.read_header().get("master", {})
+    if "last_reload" not in header:
+        return None
+    return header["last_reload"] or {}
 
 
 def _alive(pid: int) -> bool:

@@ -165,6 +165,9 @@ class Master:
         self.reload_queue: collections.deque[tuple[int, int]] = collections.deque()
         self.reload_graceful = False
         self.reload_step: ReloadStep | None = None
+        #: How the latest reload went, for the ``reload`` command: its number, "running",
+        #: "done" or "abandoned", and why it was abandoned.
+        self.last_reload: dict[str, Any] | None = None
         self.stop_deadline = 0.0
         self.stop_graceful = False
         self.started_at = time.time()
@@ -649,22 +652,13 @@ class Master:
             self.reload_step = None
             self.reload_queue.clear()
             old = self.children.get(step.old_pid)
+            failed = f"the new worker {child.worker.name}[{child.worker_id}] exited ({words}) before serving"
             if old is not None:
                 self.assigned[key] = step.old_pid
                 old.retiring = False
-                log.error(
-                    "reload abandoned: the new worker %s[%d] exited (%s) before serving; the old workers keep running",
-                    child.worker.name,
-                    child.worker_id,
-                    words,
-                )
+                self.abandon_reload(f"{failed}; the old workers keep running")
                 return
-            log.error(
-                "reload abandoned: the new worker %s[%d] exited (%s) before serving and the old one is gone; respawning",
-                child.worker.name,
-                child.worker_id,
-                words,
-            )
+            self.abandon_reload(f"{failed} and the old one is gone; respawning")
         if self.assigned.get(key) != child.pid:
             return
         del self.assigned[key]
@@ -709,8 +703,8 @@ class Master:
         log.info("master pid %d: %s", os.getpid(), "graceful stop" if graceful else "stop")
         self.call_master_hook("on_master_stop")
         self.pending_spawns.clear()
-        self.reload_queue.clear()
-        self.reload_step = None
+        if self.reload_step is not None or self.reload_queue:
+            self.abandon_reload("the master is stopping")
         self.kill_all(signal.SIGQUIT if graceful else signal.SIGTERM)
         for helper in self.helpers:
             helper.respawn_at = None
@@ -742,9 +736,13 @@ class Master:
 
     # -- reload ------------------------------------------------------------------------------
     def reload(self, graceful: bool) -> None:
+        number = (self.last_reload or {}).get("id", 0) + 1
         if self.state != RUNNING:
+            self.last_reload = {"id": number, "result": "abandoned", "reason": "the master is stopping"}
+            self.header_dirty = True
             return
         log.info("master pid %d: %s reload", os.getpid(), "graceful" if graceful else "quick")
+        self.last_reload = {"id": number, "result": "running", "reason": None}
         self.call_master_hook("on_master_reload")
         queue: collections.deque[tuple[int, int]] = collections.deque()
         for key, pid in sorted(self.assigned.items()):
@@ -758,6 +756,8 @@ class Master:
         self.reload_queue = queue
         self.reload_graceful = graceful
         self.header_dirty = True
+        if not queue and self.reload_step is None:  # nothing to replace (reloadable=False only)
+            self.reload_done()
 
     def advance_reload(self) -> None:
         assert self.table is not None
@@ -787,8 +787,7 @@ class Master:
                     self.reload_step = ReloadStep(key, old_pid, None, "exit", graceful=False)
                 log.info("reload: replacing worker %s[%d] pid %d", old.worker.name, key[1], old_pid)
                 return
-            log.info("reload done")
-            self.header_dirty = True
+            self.reload_done()
             return
         if step.phase == "exit":
             new_pid = self.assigned.get(step.key)
@@ -813,10 +812,7 @@ class Master:
                     self.send(new_pid, signal.SIGKILL)  # its exit abandons the reload, the old one stays
                     step.started = now
                 else:
-                    log.error("reload abandoned: worker %s[%d] is not serving after %.0f s", name, step.key[1], RELOAD_READY_TIMEOUT)
-                    self.reload_step = None
-                    self.reload_queue.clear()
-                    self.header_dirty = True
+                    self.abandon_reload(f"worker {name}[{step.key[1]}] is not serving after {RELOAD_READY_TIMEOUT:.0f} s")
                 return
             if states.get(new_pid) == STATE_RUNNING:
                 if step.graceful:
@@ -831,8 +827,23 @@ class Master:
     def finish_reload_step(self) -> None:
         self.reload_step = None
         if not self.reload_queue:
-            log.info("reload done")
-            self.header_dirty = True
+            self.reload_done()
+
+    def reload_done(self) -> None:
+        """Every process of the reload has been replaced."""
+        log.info("reload done")
+        if self.last_reload is not None:
+            self.last_reload.update(result="done", reason=None)
+        self.header_dirty = True
+
+    def abandon_reload(self, reason: str) -> None:
+        """Give the reload up (the processes not replaced yet keep running); say why."""
+        log.error("reload abandoned: %s", reason)
+        self.reload_step = None
+        self.reload_queue.clear()
+        if self.last_reload is not None:
+            self.last_reload.update(result="abandoned", reason=reason)
+        self.header_dirty = True
 
     # -- hooks and the status header ---------------------------------------------------
     def call_master_hook(self, name: str) -> None:
@@ -854,6 +865,7 @@ class Master:
                 "start_file": self.runtime.start_file,
                 "state": self.state,
                 "reloading": self.reload_step is not None or bool(self.reload_queue),
+                "last_reload": self.last_reload,
                 "memory": rss_bytes(),
                 "version": __version__,
                 "loop": loop_name(),
