@@ -460,7 +460,14 @@ def on_websocket_connect(conn, request):
 
 w.on_connect = on_connect
 w.on_websocket_connect = on_websocket_connect
-w.on_websocket_connected = lambda conn: conn.send("open")
+
+def on_websocket_connected(conn):
+    from longshore.websocket import WebSocketConnection
+    # Open: the plain send path again, and the class the documentation names.
+    results["open_class"] = [type(conn).send is TcpConnection.send, isinstance(conn, WebSocketConnection)]
+    conn.send("open")
+
+w.on_websocket_connected = on_websocket_connected
 w.on_message = lambda conn, message: (results["received"].append(message[:2]), save())
 
 client = Worker(None, name="client")
@@ -496,6 +503,7 @@ def test_frames_sent_before_the_handshake_count_toward_the_send_buffer_and_follo
         assert results["errors"][path] == [2, 2], path  # SEND_FAIL
         assert results["buffered"][path] == 4 * 304
     # The client: held while connecting, then until the server's 101, within the same limit.
+    assert results["open_class"] == [True, True]
     client = app.read_json("client.json")
     assert client["returns"] == [None, None, None, None, False, False]
     assert client["errors"] == [2, 2]

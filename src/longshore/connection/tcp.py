@@ -209,9 +209,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         if worker is not None:
             worker.connections[self.id] = self
         _stats.connections += 1
+        ready = self._protocol.connection_made()
         self._established()
         handler = self._handlers.on_connect
-        if handler is not None:
+        if handler is not None and ready:
             self._call(handler, "on_connect", self)
 
     def _established(self) -> None:

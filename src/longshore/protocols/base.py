@@ -57,6 +57,14 @@ class Protocol:
         """How many received bytes wait for the rest of their package."""
         return 0
 
+    def connection_made(self) -> bool:
+        """The connection is up: called before what waited is written and before ``on_connect``.
+
+        Return False to hold ``on_connect`` back: the protocol then calls it itself once
+        it is ready (a WebSocket client, when the server has accepted its handshake).
+        """
+        return True
+
     def graceful_close(self) -> None:
         """The worker is stopping gracefully: end the connection once that loses nothing.
 

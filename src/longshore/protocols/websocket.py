@@ -431,15 +431,12 @@ class WebSocketProtocol(Protocol):
         #: The code and reason of the close frame received (None until one arrives).
         self.close_code: int | None = None
         self.close_reason = ""
-        self._adopt(connection)
+        _adopt(connection)
         if not self.client:
             try:
                 _watch_handshake(self)
             except RuntimeError:  # no running loop: built outside a worker
                 pass
-
-    def _adopt(self, connection: Any) -> None:
-        _adopt(connection, self.client)
 
     @property
     def compressed(self) -> bool:
@@ -996,23 +993,6 @@ class WebSocketConnection(WebSocketMethods, TcpConnection):
     __slots__ = ()
 
 
-class _ClientMethods:
-    """An outgoing WebSocket connection: ``on_connect`` follows the handshake."""
-
-    __slots__ = ()
-    _handlers: Any
-    _protocol: Any
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        handlers = self._handlers
-        on_connect, handlers.on_connect = handlers.on_connect, None
-        try:
-            transport.write(self._protocol.handshake_request())  # type: ignore[attr-defined]
-            super().connection_made(transport)  # type: ignore[misc]
-        finally:
-            handlers.on_connect = on_connect
-
-
 def _close_socket(connection: Any) -> None:
     """Close without another close frame (one was sent, or the handshake failed)."""
     if isinstance(connection, WebSocketMethods):
@@ -1021,26 +1001,21 @@ def _close_socket(connection: Any) -> None:
         connection.close()
 
 
-_classes: dict[tuple[type, bool], type] = {TcpConnection: WebSocketConnection}  # type: ignore[dict-item]
+_classes: dict[type, type] = {TcpConnection: WebSocketConnection}
 _handshake_classes: dict[type, type] = {}
 
 
-def websocket_class(base: type, client: bool = False) -> type:
+def websocket_class(base: type) -> type:
     """The class a connection of class ``base`` takes when it starts speaking WebSocket.
 
-    Built once per class: ``base`` with :class:`WebSocketMethods` in front (and the
-    client's handshake for outgoing connections). The instance layout stays the same,
-    which is what lets a connection change class in place.
+    Built once per class: ``base`` with :class:`WebSocketMethods` in front. The mixins
+    add methods only (empty ``__slots__``), so the instance layout stays the same, which
+    is what lets a connection change class in place.
     """
-    key = (base, client)
-    cls = _classes.get(key)  # type: ignore[call-overload]
+    cls = _classes.get(base)
     if cls is None:
-        if base is TcpConnection and not client:
-            cls = WebSocketConnection
-        else:
-            mixins = (_ClientMethods, WebSocketMethods) if client else (WebSocketMethods,)
-            cls = type(f"WebSocket{base.__name__}", (*mixins, base), {"__slots__": (), "__doc__": base.__doc__, "__module__": __name__})
-        _classes[key] = cls  # type: ignore[index]
+        cls = type(f"WebSocket{base.__name__}", (WebSocketMethods, base), {"__slots__": (), "__doc__": base.__doc__, "__module__": __name__})
+        _classes[base] = cls
     return cls
 
 
@@ -1055,14 +1030,14 @@ def _handshake_class(open_class: type) -> type:
     return cls
 
 
-def _adopt(connection: Any, client: bool) -> None:
+def _adopt(connection: Any) -> None:
     """Give ``connection`` the class of a WebSocket connection whose handshake is under way."""
     if not isinstance(connection, TcpConnection):
         return
     current = type(connection)
     if "_open_class" in current.__dict__:
         return
-    open_class = current if issubclass(current, WebSocketMethods) else websocket_class(current, client)
+    open_class = current if issubclass(current, WebSocketMethods) else websocket_class(current)
     connection.__class__ = _handshake_class(open_class)
 
 
@@ -1138,6 +1113,14 @@ class WebSocketClientProtocol(WebSocketProtocol):
 
     def _setting(self, name: str) -> Any:
         return getattr(self.connection, "websocket_" + name, getattr(type(self), name))
+
+    def connection_made(self) -> bool:
+        """Send the opening handshake; ``on_connect`` waits for the server's 101."""
+        connection: Any = self.connection
+        request = self.handshake_request()
+        connection.transport.write(request)
+        connection.bytes_written += len(request)
+        return False
 
     def handshake_request(self) -> bytes:
         """The opening handshake for this connection's URL."""
