@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -464,3 +466,36 @@ w.on_message = lambda conn, line: conn.send(line)
     assert "reloaded (2 new worker process(es))" in result.stdout
     assert app.status()["master"]["last_reload"]["result"] == "done"
     assert not before & {p["pid"] for p in app.wait_running(2)}
+
+
+def test_stop_during_an_async_on_worker_start_waits_for_it_to_finish(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="booting")
+events = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def note(text):
+    with open(events, "a") as f:
+        f.write(text + "\\n")
+
+async def on_worker_start(worker):
+    note("start begins")
+    worker.pool = None
+    await asyncio.sleep(1.0)
+    worker.pool = "pool"
+    note("start ends")
+
+w.on_worker_start = on_worker_start
+w.on_worker_stop = lambda worker: note(f"stop {worker.pool}")
+"""
+    )
+    events = app.folder / "events.txt"
+    master = subprocess.Popen([sys.executable, str(app.script), "start"], cwd=app.folder, env=app.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: events.exists() and "start begins" in events.read_text(), what="on_worker_start to begin")
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(timeout=20) == 0
+    finally:
+        if master.poll() is None:
+            master.kill()
+    assert events.read_text().split("\n") == ["start begins", "start ends", "stop pool", ""]

@@ -16,6 +16,10 @@ SIGUSR1    reload: like SIGTERM; a Worker with ``reloadable=False`` only gets
 SIGUSR2    graceful reload: like SIGQUIT (``reloadable=False``: ``on_worker_reload``)
 SIGIO      write the list of connections for the ``connections`` command
 =========  ===========================================================================
+
+A stop or reload signal that arrives while the worker starts is handled once start-up
+(``on_worker_start``, however long it awaits) is over: ``on_worker_stop`` never runs
+beside ``on_worker_start``.
 """
 
 from __future__ import annotations
@@ -253,6 +257,10 @@ class _WorkerProcess:
         self.udp_transport: asyncio.BaseTransport | None = None
         self.stopping = False
         self.graceful = False
+        #: False until start-up (``on_worker_start``, the listener) is over; signals
+        #: that arrive before wait in ``early_signals``.
+        self.started = False
+        self.early_signals: list[tuple[str, bool]] = []
         self.done: asyncio.Future[int] | None = None
         self.qps_samples: deque[tuple[float, int]] = deque()
         self.publish_count = 0
@@ -342,17 +350,20 @@ class _WorkerProcess:
                 process_stats.throw_exception += 1
                 log.exception("on_worker_start of worker %s[%d] raised; exiting", worker.name, self.worker_id)
                 return EXIT_BOOT_ERROR
-        if self.stopping:  # a stop signal arrived during on_worker_start
-            return await self.done
-        if worker.address is not None:
+        if worker.address is not None and not self.stop_asked_early():
             await self.start_serving()
-        if self.stopping:  # a stop signal arrived while the listener was being set up
-            if self.server is not None:
-                self.server.close()
-            return await self.done
-        self.table.set_state(self.slot, STATE_RUNNING)
-        log.debug("worker %s[%d] pid %d running", worker.name, self.worker_id, os.getpid())
+        self.started = True
+        early, self.early_signals = self.early_signals, []
+        for action, graceful in early:  # a stop now runs after on_worker_start, never beside it
+            self.on_signal(action, graceful)
+        if not self.stopping:
+            self.table.set_state(self.slot, STATE_RUNNING)
+            log.debug("worker %s[%d] pid %d running", worker.name, self.worker_id, os.getpid())
         return await self.done
+
+    def stop_asked_early(self) -> bool:
+        """True when a signal that arrived during start-up will stop this process."""
+        return any(action == "stop" or self.worker.reloadable for action, _ in self.early_signals)
 
     async def start_serving(self) -> None:
         worker = self.worker
@@ -394,6 +405,9 @@ class _WorkerProcess:
 
     # -- signals -----------------------------------------------------------------------
     def on_signal(self, action: str, graceful: bool) -> None:
+        if not self.started:  # handled once start-up is over
+            self.early_signals.append((action, graceful))
+            return
         worker = self.worker
         if action == "reload" and not worker.reloadable:
             if worker.on_worker_reload is not None:
