@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from conftest import connect, paced_producer, read_lines, wait_for
+from conftest import connect, is_closed, paced_producer, read_lines, wait_for
 
 PID_ECHO = """
 w = Worker("text://127.0.0.1:0", count=4, name="multi")
@@ -380,12 +380,13 @@ w.on_message = lambda conn, request: conn.send(Response(f"{os.getpid()} {request
 
 
 def _gone(pid: int) -> bool:
-    """True once ``pid`` has exited (and been reaped by its parent)."""
+    """True once ``pid`` has exited (a zombie nobody reaped counts as gone)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(") ", 1)[1].startswith("Z")
+    except (ProcessLookupError, FileNotFoundError):
         return True
-    return False
 
 
 def test_quick_reload_asked_during_a_graceful_reload_step_still_retires_the_old_worker(app_factory):
@@ -499,3 +500,28 @@ w.on_worker_stop = lambda worker: note(f"stop {worker.pool}")
         if master.poll() is None:
             master.kill()
     assert events.read_text().split("\n") == ["start begins", "start ends", "stop pool", ""]
+
+
+def test_workers_stop_when_the_master_is_killed(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="orphans", count=2)
+w.on_message = lambda conn, line: conn.send(line)
+"""
+    ).start()
+    pids = [p["pid"] for p in app.wait_running(2)]
+    port = app.port()
+    sock = connect(port)
+    sock.sendall(b"hi\n")
+    assert read_lines(sock, 1) == ["hi"]
+    os.kill(app.master_pid(), signal.SIGKILL)
+    for pid in pids:
+        wait_for(lambda: _gone(pid), timeout=5, what=f"worker {pid} to stop")
+    assert is_closed(sock, timeout=2)
+    try:
+        connect(port, timeout=1).close()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the killed master's port still accepts connections")
+    assert "start.py is not running" in app.cli("stop", check=False).stderr

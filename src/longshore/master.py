@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, logs, users
+from . import __version__, lifeline, logs, users
 from .loop import loop_name
 from .runtime import Runtime
 from .stats import STATE_RUNNING, StatsTable, rss_bytes
@@ -490,12 +490,13 @@ class Master:
         # Until the worker's loop handles them, a stop or reload signal must wait, not
         # kill it with the default action (or dump core, for SIGQUIT).
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        master_pid = os.getpid()
         pid = -1
         try:
             pid = os.fork()
             if pid == 0:
                 self.become_worker()
-                run_worker_process(worker, worker_id, self.table, slot, self.runtime)
+                run_worker_process(worker, worker_id, self.table, slot, self.runtime, master_pid)
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
@@ -548,11 +549,14 @@ class Master:
         helper.stop_requested = False
         sys.stdout.flush()
         sys.stderr.flush()
+        master_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             # Out of the terminal's process group: Ctrl+C reaches the master and the
             # workers, and the master stops its helpers once the workers are gone.
             os.setpgid(0, 0)
+            if lifeline.follow_master(master_pid):  # SIGTERM (a stop) when the master dies
+                logs.flush_and_exit(0)
             metrics_socket = self.metrics_socket
             self.metrics_socket = None  # kept open for the monitor
             self.become_worker()

@@ -29,6 +29,7 @@ import socket
 import time
 from collections import deque
 
+from .lifeline import master_gone
 from .loop import new_event_loop
 from .metrics import exposition, make_registry
 from .stats import StatsTable
@@ -116,7 +117,7 @@ class Monitor:
     async def sample_forever(self) -> None:
         """Once a second: record every process's qps; exit if the master has gone."""
         while True:
-            if os.getppid() != self.master_pid:
+            if master_gone(self.master_pid):
                 log.warning("monitor: the master pid %d has gone; exiting", self.master_pid)
                 self.stop()
                 return

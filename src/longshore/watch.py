@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 
+from .lifeline import master_gone
+
 log = logging.getLogger("longshore")
 
 
@@ -45,7 +47,7 @@ def run_watcher(start_file: str, master_pid: int) -> int:
     )
     log.info("watcher pid %d watching %s for changed Python files", os.getpid(), folder)
     for changes in changes_seen:
-        if os.getppid() != master_pid:
+        if master_gone(master_pid):
             log.warning("watcher: the master pid %d has gone; exiting", master_pid)
             return 0
         if not changes:

@@ -45,7 +45,7 @@ from .protocols import get_protocol
 from .protocols.base import Protocol
 from .stats import PUBLISH_INTERVAL, STATE_RUNNING, STATE_STOPPING, StatsTable, process_stats, rss_bytes
 from .timer import Timer
-from . import logs, users
+from . import lifeline, logs, users
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -233,11 +233,11 @@ def _channel_in_use() -> bool:
     return Worker.channel is not None or "longshore.channel" in sys.modules
 
 
-def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime) -> NoReturn:
+def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime, master_pid: int) -> NoReturn:
     """Entry point of a forked worker process; never returns."""
     code = 1
     try:
-        code = _WorkerProcess(worker, worker_id, table, slot, runtime).run()
+        code = _WorkerProcess(worker, worker_id, table, slot, runtime, master_pid).run()
     except BaseException:
         log.exception("worker %s[%d] failed", worker.name, worker_id)
     logs.flush_and_exit(code)
@@ -246,12 +246,14 @@ def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: 
 class _WorkerProcess:
     """The running state of one worker process."""
 
-    def __init__(self, worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime) -> None:
+    def __init__(self, worker: Worker, worker_id: int, table: StatsTable, slot: int, runtime: Runtime, master_pid: int) -> None:
         self.worker = worker
         self.worker_id = worker_id
         self.table = table
         self.slot = slot
         self.runtime = runtime
+        self.master_pid = master_pid
+        self.master_lost = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
         self.udp_transport: asyncio.BaseTransport | None = None
@@ -296,6 +298,9 @@ class _WorkerProcess:
         if identity is not None and users.needs_switch(identity):
             self.prepare_user_switch()
             users.switch_to(identity)
+        if lifeline.follow_master(self.master_pid):  # (after the user switch, which resets it)
+            # The master died before the kernel could be told: stop as soon as the loop runs.
+            os.kill(os.getpid(), signal.SIGTERM)
         loop = new_event_loop()
         asyncio.set_event_loop(loop)
         self.loop = loop
@@ -516,7 +521,8 @@ class _WorkerProcess:
         first_time, first_total = samples[0]
         qps = (total - first_total) / (now - first_time) if now - first_time > 0.05 else 0.0
         connections = self.worker.connections
-        if self.publish_count % 5 == 0:  # the costlier sums once a second
+        if self.publish_count % 5 == 0:  # the costlier sums and checks once a second
+            self.check_master()
             send_buffer = read = written = 0
             for connection in connections.values():
                 waiting = connection.send_buffer_size
@@ -551,6 +557,14 @@ class _WorkerProcess:
         )
         if self.done is None or not self.done.done():
             loop.call_later(PUBLISH_INTERVAL, self.publish)
+
+    def check_master(self) -> None:
+        """Stop (quickly, writing out send buffers) once the master has died."""
+        if self.master_lost or not lifeline.master_gone(self.master_pid):
+            return
+        self.master_lost = True
+        log.warning("worker %s[%d] pid %d: the master pid %d has gone; stopping", self.worker.name, self.worker_id, os.getpid(), self.master_pid)
+        self.on_signal("stop", False)
 
     def dump_connections(self) -> None:
         """Write this process's connections as JSON for the ``connections`` command."""
