@@ -224,3 +224,35 @@ w.on_message = on_message
     assert read_lines(sock, 2) == ["echo one", "echo two"]
     assert is_closed(sock)  # then the server closes its side
     assert app.processes()[0]["send_fail"] == 0
+
+
+def test_stop_cancels_coroutines_of_timers_and_hooks(app_factory):
+    app = app_factory(
+        """
+w = Worker(None, name="busy", reloadable=False)
+events = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def note(text):
+    with open(events, "a") as f:
+        f.write(text + "\\n")
+
+async def wait_long(name):
+    note(f"{name} waits")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        note(f"{name} cancelled")
+        raise
+
+w.on_worker_start = lambda worker: Timer.add(0.1, wait_long, "timer", persistent=False)
+w.on_worker_reload = lambda worker: wait_long("reload hook")
+"""
+    ).start()
+    events = app.folder / "events.txt"
+    wait_for(lambda: events.exists() and "timer waits" in events.read_text(), what="the timer's coroutine")
+    app.cli("reload")  # reloadable=False: only on_worker_reload runs
+    wait_for(lambda: "reload hook waits" in events.read_text(), what="the reload hook's coroutine")
+    started = time.monotonic()
+    app.cli("stop")
+    assert time.monotonic() - started < 5
+    assert sorted(events.read_text().split("\n")[2:]) == ["", "reload hook cancelled", "timer cancelled"]

@@ -5,7 +5,7 @@ such as ``Worker.on_master_start``) they run in the master's own loop, between i
 checks for signals and exited children. A persistent timer fires at a fixed rate
 (``interval``, ``2 * interval``, ... after it was added) and skips beats it missed
 instead of firing them in a burst. ``fn`` may be a coroutine function; each firing
-then runs as its own task. An exception in ``fn`` is logged and counted
+then runs as its own task, cancelled when the worker stops if it is still running. An exception in ``fn`` is logged and counted
 (``throw_exception``); a persistent timer keeps firing.
 """
 
@@ -40,11 +40,16 @@ class _Entry:
         return self.due < other.due
 
 
+#: The running tasks of coroutine timer callbacks (the loop itself only keeps weak references).
+_tasks: set[asyncio.Task[Any]] = set()
+
+
 def _run_callback(entry: _Entry) -> None:
     try:
         result = entry.fn(*entry.args)
         if asyncio.iscoroutine(result):
             task = asyncio.get_running_loop().create_task(result)
+            _tasks.add(task)
             task.add_done_callback(_report_task_error)
     except Exception:
         process_stats.throw_exception += 1
@@ -52,6 +57,7 @@ def _run_callback(entry: _Entry) -> None:
 
 
 def _report_task_error(task: asyncio.Task[Any]) -> None:
+    _tasks.discard(task)
     if not task.cancelled() and task.exception() is not None:
         process_stats.throw_exception += 1
         log.error("exception in timer task", exc_info=task.exception())
@@ -131,6 +137,11 @@ class Timer:
         cls._master_heap.clear()
 
     @classmethod
+    def _running_tasks(cls) -> set[asyncio.Task[Any]]:
+        """The tasks of coroutine callbacks still running (a stopping worker cancels them)."""
+        return set(_tasks)
+
+    @classmethod
     def count(cls) -> int:
         """How many timers are active in this process."""
         return len(cls._timers)
@@ -165,4 +176,5 @@ class Timer:
         """In a freshly forked worker: forget the master's timers."""
         cls._timers.clear()
         cls._master_heap.clear()
+        _tasks.clear()
         cls._in_master = False

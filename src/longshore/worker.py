@@ -58,6 +58,9 @@ EXIT_BOOT_ERROR = 3
 #: Listen schemes that mean a protocol over TLS.
 _TLS_SCHEMES = {"https": "http", "wss": "websocket"}
 
+#: At a stop, how long cancelled coroutines (callbacks, timers, hooks) get to finish.
+CANCEL_GRACE = 1.0
+
 #: Signals the master sends its workers; blocked from the fork until the loop handles them.
 CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2})
 
@@ -264,6 +267,9 @@ class _WorkerProcess:
         self.started = False
         self.early_signals: list[tuple[str, bool]] = []
         self.done: asyncio.Future[int] | None = None
+        self.shutdown_task: asyncio.Task[None] | None = None
+        #: Running coroutine hooks (``on_worker_reload``): kept referenced, cancelled at the stop.
+        self.hook_tasks: set[asyncio.Task[Any]] = set()
         self.qps_samples: deque[tuple[float, int]] = deque()
         self.publish_count = 0
         self.cached_send_buffer = 0
@@ -426,19 +432,21 @@ class _WorkerProcess:
             return
         self.stopping = True
         self.graceful = graceful
-        asyncio.get_running_loop().create_task(self.shutdown())
+        self.shutdown_task = asyncio.get_running_loop().create_task(self.shutdown())
 
     def call_hook(self, hook: Callable[[Worker], Any], what: str) -> None:
         try:
             result = hook(self.worker)
             if asyncio.iscoroutine(result):
                 task = asyncio.get_running_loop().create_task(result)
+                self.hook_tasks.add(task)
                 task.add_done_callback(functools.partial(self._hook_done, what))
         except Exception:
             report_exception(what)
 
     def _hook_done(self, what: str, task: asyncio.Task[Any]) -> None:
         """A coroutine hook finished: count and log what it raised."""
+        self.hook_tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
         process_stats.throw_exception += 1
@@ -486,14 +494,25 @@ class _WorkerProcess:
         for connection in list(worker.connections.values()):
             connection.destroy()
         await asyncio.sleep(0)
+        Timer.delete_all()
+        await self.cancel_tasks(Timer._running_tasks() | self.hook_tasks, "coroutine timer callbacks and hooks")
         if _channel_in_use():
             from . import channel
 
             await channel.stop_in_worker()
-        Timer.delete_all()
         self.publish()
         if self.done is not None and not self.done.done():
             self.done.set_result(0)
+
+    async def cancel_tasks(self, tasks: set[asyncio.Task[Any]], what: str) -> None:
+        """Cancel ``tasks`` and give them a moment to run their ``finally`` blocks."""
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=CANCEL_GRACE)
+        if pending:
+            log.warning("worker %s[%d]: %d %s did not end within %.1f s of being cancelled", self.worker.name, self.worker_id, len(pending), what, CANCEL_GRACE)
 
     def tell_graceful(self, told: dict[int, Protocol]) -> None:
         """Call ``graceful_close`` once on each connection's protocol, and again on a
