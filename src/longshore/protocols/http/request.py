@@ -15,7 +15,6 @@ from urllib.parse import parse_qsl, unquote
 
 if TYPE_CHECKING:
     from .session import Session
-    from .uploads import UploadedFile
 
 
 class MultiDict:
