@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import shutil
@@ -27,7 +26,7 @@ from longshore.errors import PackageTooLarge, ProtocolError
 from longshore.protocols.http import HttpProtocol
 
 SERVER = r'''
-from longshore.http import Response, HttpProtocol
+from longshore.http import Response, FileResponse, HttpProtocol
 HttpProtocol.header_timeout = 1.0
 TcpConnection.default_max_package_size = 1024 * 1024
 
@@ -73,16 +72,22 @@ async def on_message(conn, request):
         conn.send(path)
     elif path == "/close":
         conn.send(Response("bye", headers={"Connection": "close"}))
+    elif path == "/file":
+        conn.send(FileResponse(os.path.join(os.environ["APP_DIR"], "big.bin")))
     else:
         conn.send(Response("Not Found", 404))
 
 web.on_message = on_message
 '''
 
+BIG_FILE_SIZE = 8 * 1024 * 1024
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("http")
+    with open(folder / "big.bin", "wb") as file:
+        file.truncate(BIG_FILE_SIZE)  # sparse: read as zeros
     app = App(folder, SERVER).start()
     port = app.port()
     yield app, port
@@ -287,6 +292,35 @@ def test_expect_100_continue_and_chunked_request_bodies(server):
         assert client.post(base(port) + "/echo", content=parts()).json()["body"] == "streamed body"
 
 
+def test_100_continue_is_sent_when_the_request_gets_its_turn(server):
+    app, port = server
+    expecting = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    # behind an answer still being computed: the 100 follows that answer
+    sock = connect(port)
+    sock.sendall(b"GET /sleep/0.5 HTTP/1.1\r\nHost: x\r\n\r\n" + expecting)
+    assert read_response(sock)[2] == b"/sleep/0.5"
+    assert read_response(sock, timeout=2)[0] == b"HTTP/1.1 100 Continue"
+    sock.sendall(b"hello")
+    status, headers, body = read_response(sock)
+    assert json.loads(body)["body"] == "hello"
+    # behind a streamed file and an answer held behind it
+    sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n" + expecting)
+    status, headers, body = read_response(sock, timeout=10)
+    assert status == b"HTTP/1.1 200 OK" and len(body) == BIG_FILE_SIZE
+    assert read_response(sock)[2] == b"hello"
+    assert read_response(sock, timeout=2)[0] == b"HTTP/1.1 100 Continue"
+    sock.sendall(b"world")
+    assert json.loads(read_response(sock)[2])["body"] == "world"
+    # a client that started its body without waiting gets no 100
+    sock.sendall(b"GET /sleep/0.3 HTTP/1.1\r\nHost: x\r\n\r\n" + expecting + b"ab")
+    assert read_response(sock)[2] == b"/sleep/0.3"
+    time.sleep(0.2)
+    sock.sendall(b"cde")
+    status, headers, body = read_response(sock)
+    assert status == b"HTTP/1.1 200 OK" and json.loads(body)["body"] == "abcde"
+    sock.close()
+
+
 # -- limits and bad input: each closes that connection only, and is counted -------------------
 
 
@@ -373,6 +407,11 @@ def test_a_good_request_before_bad_bytes_is_still_answered(server):
     data = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n")
     first, _, rest = data.partition(b"hello")
     assert first.startswith(b"HTTP/1.1 200 OK") and rest.startswith(b"HTTP/1.1 400 ")
+    # a streamed file before them goes out whole, the 400 after it
+    data = raw_exchange(port, b"GET /file HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n", timeout=10)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and rest[:BIG_FILE_SIZE].count(b"\0") == BIG_FILE_SIZE
+    assert rest[BIG_FILE_SIZE:].startswith(b"HTTP/1.1 400 ")
 
 
 def test_slow_headers_are_cut_after_the_timeout(server):
@@ -407,6 +446,40 @@ def test_slow_headers_are_cut_after_the_timeout(server):
     assert is_closed(silent, timeout=4)
     wait_for(lambda: counters(app)["protocol_error"] >= before["protocol_error"] + 2, what="timeouts counted")
     assert httpx.get(base(port)).text == "hello"
+
+
+def read_to_end(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read (after what read_response left over) until the server closes."""
+    sock.settimeout(timeout)
+    data = _leftovers.pop(id(sock), b"")
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_header_timeout_behind_owed_answers_closes_after_them_without_a_408(server):
+    app, port = server
+    before = counters(app)
+    stalled_next = b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: "  # the next request stops in its headers
+    # the answer to the first request is still being computed when the header timeout strikes
+    computing = connect(port)
+    computing.sendall(b"GET /sleep/2.2 HTTP/1.1\r\nHost: x\r\n\r\n" + stalled_next)
+    # the answer to the first request is a file, going out to a reader that does not read yet
+    slow_reader = connect(port, rcvbuf=64 * 1024)
+    slow_reader.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n" + stalled_next)
+    time.sleep(2.5)  # over twice the header timeout, with the file far from written out
+    data = read_to_end(slow_reader)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: %d" % BIG_FILE_SIZE in head
+    assert len(body) == BIG_FILE_SIZE and body.count(b"\0") == BIG_FILE_SIZE  # whole, and no 408 after it
+    data = read_to_end(computing)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\n/sleep/2.2")
+    assert data.count(b"HTTP/1.1") == 1
+    # each is still a timeout, counted as such
+    wait_for(lambda: counters(app)["protocol_error"] == before["protocol_error"] + 2, what="timeouts counted")
 
 
 # -- idle keep-alive and slow request bodies, on a server with 1 s timeouts ----------------

@@ -10,8 +10,9 @@ itself except through its connection:
   order;
 * keep-alive (HTTP/1.1 by default, HTTP/1.0 with ``Connection: keep-alive``), and
   closing after the response when the client asked for ``Connection: close``;
-* ``Expect: 100-continue``, chunked request bodies, multipart bodies streamed to the
-  upload parser as they arrive;
+* ``Expect: 100-continue`` (behind earlier pipelined answers, the ``100 Continue`` goes
+  out when that request's turn comes, unless its body has started arriving), chunked
+  request bodies, multipart bodies streamed to the upload parser as they arrive;
 * limits: request line and headers over ``max_header_size`` (16 KiB) -> 431, a body over
   the connection's ``max_package_size`` -> 413, unparsable input -> 400, headers not
   complete within ``header_timeout`` seconds -> 408, no byte of a request body for
@@ -135,6 +136,8 @@ class HttpProtocol(Protocol):
     * ``max_header_size`` (16 KiB): request line and headers; more gets 431.
     * ``header_timeout`` (10 s): a request's headers must be complete this long after
       its first byte (after the connection opened, for the first request); else 408.
+      When earlier pipelined answers are still owed or being written, they go out whole
+      first and the connection then closes without a 408 (nothing is cut short).
     * ``body_timeout`` (30 s): while a request body is due, a gap this long without a
       byte of it gets 408 (the time between two reads, not the whole upload; the clock
       stops while the server itself is not reading or still owes earlier answers).
@@ -183,6 +186,8 @@ class HttpProtocol(Protocol):
         "_paused",
         "_stream_close_after",
         "_deferred_error",
+        "_continue_for",
+        "_turn_waits",
         "_graceful",
         "_seen_read",
         "_quiet_since",
@@ -211,6 +216,8 @@ class HttpProtocol(Protocol):
         self._paused = False
         self._stream_close_after = False
         self._deferred_error: ProtocolError | None = None
+        self._continue_for: Request | None = None
+        self._turn_waits = False
         self._graceful = False
         self._seen_read = 0
         self._quiet_since = 0.0
@@ -263,19 +270,62 @@ class HttpProtocol(Protocol):
         return out
 
     def _fail_later(self, error: ProtocolError) -> None:
-        if self._pending:  # answers still due: the error follows the last of them
+        if self._owed():  # answers still due or being sent: the error follows the last of them
             self._deferred_error = error
+            self._turn_waits = True
             return
         connection = self.connection
         if not connection.closed:
             connection._protocol_error(error)
 
+    def _owed(self) -> bool:
+        """Whether an earlier answer is still due, being streamed, or held behind a stream."""
+        return bool(self._pending) or self._stream is not None or bool(self._held)
+
+    def _turn_came(self) -> None:
+        """Every answer owed so far has been sent (it may still be in the send buffer):
+        what waited for that happens now, a deferred error or a ``100 Continue``.
+
+        Called soon after each point where that may have become true: the last owed answer
+        encoded, a stream ended, the answers held behind it released. When another stream
+        has started meanwhile, its end calls again.
+        """
+        if not self._turn_waits or self._owed():
+            return
+        self._turn_waits = False
+        request, self._continue_for = self._continue_for, None
+        error, self._deferred_error = self._deferred_error, None
+        connection = self.connection
+        if connection.closed:
+            return
+        if error is not None:
+            connection._protocol_error(error)
+        elif request is not None and request is self._request and not self._body_size and not self._closing:
+            # the request waiting for its body is next to be answered, and the client
+            # still waits for the go-ahead
+            connection.send(CONTINUE, raw=True)
+
     def _headers_timed_out(self) -> None:
+        """``header_timeout`` passed with a request's headers incomplete: 408, and close.
+
+        When earlier pipelined answers are still owed or being written (a handler still
+        working, a file going out to a slow reader), a 408 now would land inside them and
+        cut a response short. Then the incomplete request is dropped instead: the owed
+        answers are sent in full and the connection closes after the last of them,
+        without a 408, like a keep-alive connection closing (clients retry a request that
+        got no answer). Either way the timeout is counted as a protocol error.
+        """
         self._waiting_since = 0.0
         connection = self.connection
-        if not connection.closed:
-            self._closing = True
-            connection._protocol_error(ProtocolError(f"request headers not received within {self.header_timeout:g} s", response=REQUEST_TIMEOUT))
+        if connection.closed or self._closing:
+            return  # already on its way out, after the answers owed
+        self._closing = True
+        message = f"request headers not received within {self.header_timeout:g} s"
+        if self._owed():
+            self._deferred_error = ProtocolError(message)
+            self._turn_waits = True
+            return
+        connection._protocol_error(ProtocolError(message, response=REQUEST_TIMEOUT))
 
     def _watch(self, now: float) -> bool:
         """Once a second, from the tick: cut a stalled request body or an idle keep-alive
@@ -373,8 +423,12 @@ class HttpProtocol(Protocol):
             except ProtocolError as exc:
                 self._error = ProtocolError(str(exc), response=BAD_REQUEST)
                 raise self._error from None
-        if self._expect and not self._pending and not self._out and self._stream is None:
-            self.connection.send(CONTINUE, raw=True)
+        if self._expect:
+            if self._owed():  # earlier answers first: the 100 goes out when this one's turn comes
+                self._continue_for = self._request
+                self._turn_waits = True
+            else:
+                self.connection.send(CONTINUE, raw=True)
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -430,9 +484,8 @@ class HttpProtocol(Protocol):
             return self._encode_in_stream(message)
         pending = self._pending
         request = pending.popleft() if pending else None
-        if self._deferred_error is not None and not pending:
-            error, self._deferred_error = self._deferred_error, None
-            asyncio.get_running_loop().call_soon(self._fail_later, error)
+        if self._turn_waits and not pending:
+            asyncio.get_running_loop().call_soon(self._turn_came)
         cls = type(message)
         if (cls is str or cls is bytes) and request is not None and request.keep_alive and request._session is None and request.version == "1.1" and request.method != "HEAD":
             body = message.encode() if cls is str else message
@@ -539,6 +592,8 @@ class HttpProtocol(Protocol):
             loop.call_soon(self._close_now)
         elif self._held:
             loop.call_soon(self._release_held)
+        elif self._turn_waits:
+            loop.call_soon(self._turn_came)
 
     def _release_held(self) -> None:
         held = self._held
@@ -560,6 +615,8 @@ class HttpProtocol(Protocol):
                     return  # the next response waits for this stream's end
                 held.pop(0)
                 connection.send(self._encode_for(message, request), raw=True)
+        if self._turn_waits:
+            self._turn_came()
 
     # -- files -----------------------------------------------------------------------------
     def _start_file(self, response: FileResponse, request: Request | None, keep_alive: bool, head_only: bool, extra: list[bytes]) -> bytes:
@@ -659,16 +716,28 @@ class HttpProtocol(Protocol):
             self._pending[-1].keep_alive = False
             self._closing = True
         elif stream is not None:
-            if stream.__class__ is _FilePump:
-                stream.close_after = True
-            else:
-                self._stream_close_after = True
+            if not self._last_held_closes():
+                if stream.__class__ is _FilePump:
+                    stream.close_after = True
+                else:
+                    self._stream_close_after = True
             self._closing = True
         elif connection.bytes_written == 0:
             pass  # accepted just before the listener closed: its first request is on its way
         elif not self._in_headers:
             self._closing = True
             connection.close()
+
+    def _last_held_closes(self) -> bool:
+        """Make the last answer held behind the running stream close the connection (its
+        request no longer keeps it alive). False when no answer is held."""
+        for message, request in reversed(self._held or _EMPTY):
+            cls = type(message)
+            if cls is not Chunk and cls is not ServerSentEvent:
+                if request is not None:
+                    request.keep_alive = False
+                return True
+        return False
 
     def connection_closed(self) -> None:
         """The connection is closed: release what a response in progress holds."""
@@ -683,6 +752,9 @@ class HttpProtocol(Protocol):
         self._stream = None
         self._held = None
         self._pending.clear()
+        self._turn_waits = False
+        self._continue_for = None
+        self._deferred_error = None
 
 
 # -- conditional requests (RFC 9110, section 13) ---------------------------------------------
