@@ -256,3 +256,38 @@ w.on_worker_reload = lambda worker: wait_long("reload hook")
     app.cli("stop")
     assert time.monotonic() - started < 5
     assert sorted(events.read_text().split("\n")[2:]) == ["", "reload hook cancelled", "timer cancelled"]
+
+
+def test_stop_cancels_a_waiting_coroutine_callback_and_still_calls_on_close(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="waiting", stop_timeout=2)
+events = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def note(text):
+    with open(events, "a") as f:
+        f.write(text + "\\n")
+
+async def on_message(conn, line):
+    note(f"{line} waits")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        note(f"{line} cancelled")
+        raise
+
+w.on_message = on_message
+w.on_close = lambda conn: note("on_close")
+"""
+    ).start()
+    events = app.folder / "events.txt"
+    sock = connect(app.port())
+    sock.sendall(b"first\n")
+    wait_for(lambda: events.exists() and "first waits" in events.read_text(), what="the first message's coroutine")
+    sock.sendall(b"second\n")  # queued behind the first: dropped at the stop
+    time.sleep(0.2)
+    started = time.monotonic()
+    app.cli("stop")
+    assert time.monotonic() - started < 5
+    assert events.read_text().split("\n") == ["first waits", "first cancelled", "on_close", ""]
+    assert is_closed(sock)

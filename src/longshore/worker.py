@@ -37,7 +37,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
 
-from .connection.tcp import Handlers, TcpConnection, report_exception
+from .connection.tcp import Handlers, TcpConnection, report_exception, running_callback_tasks
 from .connection.tls import TlsAcceptor, abort_handshakes, server_context
 from .listen import ListenAddress, bind_socket, parse_listen
 from .loop import new_event_loop
@@ -495,7 +495,10 @@ class _WorkerProcess:
             connection.destroy()
         await asyncio.sleep(0)
         Timer.delete_all()
-        await self.cancel_tasks(Timer._running_tasks() | self.hook_tasks, "coroutine timer callbacks and hooks")
+        # What still awaits is cancelled; a connection's on_close still runs (after the
+        # last message it handled).
+        tasks = running_callback_tasks() | Timer._running_tasks() | self.hook_tasks
+        await self.cancel_tasks(tasks, "coroutine callbacks, timers or hooks")
         if _channel_in_use():
             from . import channel
 

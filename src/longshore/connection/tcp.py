@@ -628,6 +628,9 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             await awaitable
         except Exception:
             report_exception("a coroutine callback", self)
+        except asyncio.CancelledError:  # the worker is stopping
+            await self._serial_cancelled()
+            raise
         serial = self._serial
         while serial:
             handler, args = serial.popleft()
@@ -641,14 +644,43 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                     await result
             except Exception:
                 report_exception(getattr(handler, "__name__", "callback"), self)
+            except asyncio.CancelledError:
+                await self._serial_cancelled()
+                raise
         self._serial = None
         if self._serial_paused:
             self._serial_paused = False
             if not self._recv_paused and self._state is ESTABLISHED:
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
+    async def _serial_cancelled(self) -> None:
+        """The stopping worker cancelled the coroutine this connection was running: drop
+        the messages queued behind it, but still run its ``on_error`` and ``on_close``."""
+        serial = self._serial
+        last = (self._handlers.on_error, self._handlers.on_close)
+        while serial:
+            handler, args = serial.popleft()
+            if handler not in last:
+                if handler is _awaited and hasattr(args[0], "close"):
+                    args[0].close()  # a coroutine never started
+                continue
+            try:
+                result = handler(*args)
+                if result is not None and hasattr(result, "__await__"):
+                    await result
+            except Exception:
+                report_exception(getattr(handler, "__name__", "callback"), self)
+        self._serial = None
+        self._serial_paused = False
+
 
 _running_tasks: set[asyncio.Task[Any]] = set()
+
+
+def running_callback_tasks() -> set[asyncio.Task[Any]]:
+    """The tasks of the coroutine callbacks connections are running (a stopping worker
+    cancels them; a cancelled connection still gets its ``on_close``)."""
+    return set(_running_tasks)
 
 
 def _awaited(awaitable: Any) -> Any:
