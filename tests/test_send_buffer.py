@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import struct
 import threading
 import time
 
@@ -258,3 +259,144 @@ w.on_error = on_error
     assert len(errors) == 1 and errors[0][0] == 2 and "peer went away" in errors[0][1]
     time.sleep(0.5)
     assert app.processes()[0]["send_fail"] == 1
+
+
+def test_pipelined_answers_use_the_real_buffer_not_the_collected_bytes(app_factory):
+    """Answers to many messages of one read are collected and written together; near a
+    small limit they go out early instead of being dropped while the socket has room."""
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("text://127.0.0.1:0", name="echo")
+def on_connect(conn):
+    conn.max_send_buffer_size = 100
+def on_message(conn, line):
+    results["send"].append(conn.send("x" * 10))
+    save()
+def on_error(conn, code, message):
+    results["errors"].append([code, message])
+    save()
+w.on_connect = on_connect
+w.on_message = on_message
+w.on_error = on_error
+"""
+    ).start()
+    sock = connect(app.port())
+    sock.sendall(b"".join(b"%d\n" % i for i in range(30)))  # one read: 30 messages
+    assert read_lines(sock, 30) == ["x" * 10] * 30
+    results = app.read_json("results.json")
+    assert False not in results["send"] and results["errors"] == []
+    assert app.status()["processes"][0]["send_fail"] == 0
+
+
+def test_send_after_the_peer_reset_returns_false_once_counted(app_factory):
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("tcp://127.0.0.1:0", name="late")
+def later(conn):
+    results["send"] += [conn.send(b"after the reset"), conn.send(b"and again")]
+    save()
+def on_message(conn, data):
+    conn.pause_recv()  # so the reset is noticed by the write, not by a read
+    Timer.add(0.5, later, conn, persistent=False)
+def on_error(conn, code, message):
+    results["errors"].append([code, message])
+    save()
+def on_close(conn):
+    results["closed"] += 1
+    save()
+w.on_message = on_message
+w.on_error = on_error
+w.on_close = on_close
+"""
+    ).start()
+    sock = connect(app.port())
+    sock.sendall(b"go")
+    time.sleep(0.1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    wait_for(lambda: (app.folder / "results.json").exists() and app.read_json("results.json")["closed"] == 1, what="on_close")
+    results = app.read_json("results.json")
+    assert results["send"] == [False, False]
+    assert [code for code, _ in results["errors"]] == [2]  # SEND_FAIL, reported once
+    wait_for(lambda: app.status()["processes"][0]["send_fail"] == 2, what="both refused sends counted")
+
+
+def test_a_reset_after_everything_was_read_is_not_a_send_fail(app_factory):
+    size = 20_000_000
+    app = app_factory(
+        f"""
+w = Worker("tcp://127.0.0.1:0", name="big")
+def on_connect(conn):
+    conn.max_send_buffer_size = 64 * 1024 * 1024  # the buffer never reaches its limit
+w.on_connect = on_connect
+w.on_message = lambda conn, data: conn.send(b"z" * {size})
+"""
+    ).start()
+    for _ in range(3):
+        sock = connect(app.port())
+        sock.sendall(b"go")
+        received = 0
+        while received < size:
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            received += len(chunk)
+        time.sleep(0.3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    wait_for(lambda: app.status()["processes"][0]["connections"] == 0, what="connections closed")
+    time.sleep(1.2)
+    assert app.status()["processes"][0]["send_fail"] == 0
+
+
+def test_async_producer_learns_of_a_full_buffer_while_it_awaits(app_factory):
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("tcp://127.0.0.1:0", name="producer")
+paused = set()
+async def on_message(conn, data):
+    counts = {"accepted": 0, "dropped": 0}
+    for _ in range(400):  # 25 MiB to a client that does not read
+        if conn.id in paused:
+            break
+        counts["accepted" if conn.send(b"y" * 65536) is not False else "dropped"] += 1
+        await asyncio.sleep(0)
+    results["producer"] = counts
+    save()
+def on_buffer_full(conn):
+    paused.add(conn.id)
+w.on_message = on_message
+w.on_buffer_full = on_buffer_full
+"""
+    ).start()
+    sock = connect(app.port(), rcvbuf=4096)
+    sock.sendall(b"go")
+    wait_for(lambda: (app.folder / "results.json").exists() and "producer" in app.read_json("results.json"), what="the producer")
+    counts = app.read_json("results.json")["producer"]
+    assert counts["dropped"] == 0 and 0 < counts["accepted"] < 400
+    assert app.status()["processes"][0]["send_fail"] == 0
+
+
+def test_pause_recv_in_on_message_holds_the_rest_of_the_read(app_factory):
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("text://127.0.0.1:0", name="pausing")
+def on_message(conn, line):
+    results["send"].append([line, round(time.monotonic(), 3)])
+    save()
+    if line == "a":
+        conn.pause_recv()
+        Timer.add(0.8, conn.resume_recv, persistent=False)
+    conn.send(line)
+w.on_message = on_message
+"""
+    ).start()
+    sock = connect(app.port())
+    sock.sendall(b"a\nb\nc\n")  # one read
+    assert read_lines(sock, 3) == ["a", "b", "c"]
+    (first, at_a), (second, at_b), (third, at_c) = app.read_json("results.json")["send"]
+    assert (first, second, third) == ("a", "b", "c")
+    assert at_b - at_a >= 0.7 and at_c >= at_b

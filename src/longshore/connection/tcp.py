@@ -46,6 +46,9 @@ STATE_NAMES = {CONNECTING: "connecting", ESTABLISHED: "established", CLOSING: "c
 CORK_LIMIT = 64 * 1024
 #: Above this many queued callbacks (behind a running coroutine) a connection stops reading.
 SERIAL_QUEUE_LIMIT = 64
+#: While data waits in a send buffer below its limit, how often (seconds) to see whether
+#: it is out yet (so a peer that goes away after reading everything is not counted).
+UNSENT_CHECK_INTERVAL = 0.05
 
 _connection_ids = itertools.count(1)
 
@@ -135,6 +138,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         "_cork_base",
         "_recv_paused",
         "_held",
+        "_held_messages",
         "_serial",
         "_serial_paused",
         "_buffer_full",
@@ -144,6 +148,8 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         "_got_eof",
         "_read_shut",
         "_write_shut",
+        "_write_failed",
+        "_unsent_check",
         "__dict__",
     )
 
@@ -166,6 +172,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._cork_base = 0
         self._recv_paused = False
         self._held: list[bytes] | None = None
+        self._held_messages: list[Any] | None = None  # decoded, not yet delivered (paused in a batch)
         self._serial: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
         self._serial_paused = False
         self._buffer_full = False
@@ -175,6 +182,8 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._got_eof = False  # the peer has finished sending
         self._read_shut = False  # ... and all it sent was passed on (a two-way pipe)
         self._write_shut = False  # our end of the stream was sent (after the send buffer)
+        self._write_failed = False  # a write failed: the peer went away (counted once)
+        self._unsent_check: asyncio.TimerHandle | None = None
 
     @property
     def protocol(self) -> Protocol:
@@ -246,6 +255,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             if result is not None and hasattr(result, "__await__"):
                 self._start_serial(result)
             return
+        self._dispatch(handler, messages)
+
+    def _dispatch(self, handler: Callable[..., Any], messages: list[Any]) -> None:
+        """Call ``on_message`` for each of several messages, writing their answers at once."""
         if self._serial is not None:  # a coroutine of this connection is running
             for message in messages:
                 self._queue_serial(handler, (self, message))
@@ -267,6 +280,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                         self._queue_serial(handler, (self, later))
                     break
                 if self._state is not ESTABLISHED:
+                    break
+                if self._recv_paused:  # pause_recv(): the rest waits for resume_recv()
+                    if index + 1 < len(messages):
+                        self._held_messages = messages[index + 1 :]
                     break
         finally:
             self._cork = None
@@ -330,6 +347,9 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         if self._state is CLOSED:
             return
         self._state = CLOSED
+        if self._unsent_check is not None:
+            self._unsent_check.cancel()
+            self._unsent_check = None
         worker = self.worker
         if worker is not None:
             worker.connections.pop(self.id, None)
@@ -341,7 +361,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         hook = getattr(self.protocol, "connection_closed", None)
         if hook is not None:
             hook()
-        if exc is not None and isinstance(exc, _PEER_GONE) and (self._buffer_full or self._unsent_hint or self._cork_size):
+        if exc is not None and isinstance(exc, _PEER_GONE) and not self._write_failed and (self._buffer_full or self._unsent_hint or self._cork_size):
             _stats.send_fail += 1
             self._emit_error(SEND_FAIL, f"peer went away with data unsent: {exc}")
         handler = self._handlers.on_close
@@ -359,16 +379,17 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             hook()
         handler = self._handlers.on_buffer_full
         if handler is not None:
-            self._call(handler, "on_buffer_full", self)
+            self._notify(handler, "on_buffer_full", self)
 
     def resume_writing(self) -> None:
         self._buffer_full = False
+        self._unsent_hint = 0  # the low-water mark is 0: everything was written
         hook = getattr(self.protocol, "send_buffer_drained", None)
         if hook is not None:
             hook()
         handler = self._handlers.on_buffer_drain
         if handler is not None:
-            self._call(handler, "on_buffer_drain", self)
+            self._notify(handler, "on_buffer_drain", self)
 
     # -- sending -------------------------------------------------------------------------
     def send(self, data: Any, raw: bool = False) -> bool | None:
@@ -386,17 +407,15 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             data = data.encode()
         cork = self._cork
         if cork is not None:  # inside data_received: collect, write once when it returns
-            corked = self._cork_size
-            waiting = self._cork_base + corked
-            if waiting >= self._max_send_buffer_size:
-                self._drop()
-                return False
-            size = corked + len(data)
-            if size <= CORK_LIMIT:
-                cork.append(data)
+            base = self._cork_base
+            size = self._cork_size + len(data)
+            if size <= CORK_LIMIT and base + size < self._max_send_buffer_size:
+                cork.append(data if type(data) is bytes else bytes(data))
                 self._cork_size = size
-                return None if waiting else True
-            self._flush_cork()  # large data goes straight out, behind what was collected
+                return None if base else True  # collected data counts as written
+            # Large, or reaching the limit: what was collected goes out now, and this send
+            # takes the normal way (which drops it, or fires on_buffer_full, by the real buffer).
+            self._flush_cork()
         transport = self.transport
         waiting = transport.get_write_buffer_size()  # type: ignore[union-attr]
         if waiting >= self._max_send_buffer_size:
@@ -409,9 +428,41 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         # What still waits: kept because the transport empties its buffer before
         # connection_lost, where a peer that went away must be told apart.
         left = self._unsent_hint = transport.get_write_buffer_size()  # type: ignore[union-attr]
+        if not left and transport.is_closing() and not self._got_eof:  # type: ignore[union-attr]
+            self.bytes_written -= len(data)
+            return self._write_failure()
+        if left and self._unsent_check is None:
+            self._watch_unsent()
         if cork is not None:
             self._cork_base = left
         return None if waiting or left else True
+
+    def _watch_unsent(self) -> None:
+        """Some data waits for the socket: look again shortly, so that ``_unsent_hint``
+        says 0 soon after it is written out (below the high-water mark no event says so),
+        and a peer that then goes away is not taken for one that left data behind."""
+        self._unsent_check = asyncio.get_running_loop().call_later(UNSENT_CHECK_INTERVAL, self._check_unsent)
+
+    def _check_unsent(self) -> None:
+        self._unsent_check = None
+        if self._state is CLOSED or self.transport is None:
+            return
+        if self._buffer_full:  # resume_writing will say when it is empty
+            return
+        if self._unsent_hint:
+            self._unsent_hint = self.transport.get_write_buffer_size()
+            if self._unsent_hint:
+                self._watch_unsent()
+
+    def _write_failure(self) -> bool:
+        """The transport failed a write and is closing: the peer went away (reset, broken
+        pipe). Count it once, tell the application, refuse further sends."""
+        if not self._write_failed:
+            self._write_failed = True
+            self._write_shut = True
+            _stats.send_fail += 1
+            self._emit_error(SEND_FAIL, "peer went away: write failed")
+        return False
 
     def _send_when_not_established(self, data: Any, raw: bool) -> bool | None:
         _stats.send_fail += 1
@@ -422,8 +473,13 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         if self._state is CLOSED or self.transport is None:
             return
         self.bytes_written += size
-        self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
-        self._unsent_hint = self.transport.get_write_buffer_size()
+        transport = self.transport
+        transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
+        left = self._unsent_hint = transport.get_write_buffer_size()
+        if not left and transport.is_closing() and not self._got_eof and self._state is ESTABLISHED:
+            self._write_failure()
+        elif left and self._unsent_check is None:
+            self._watch_unsent()
 
     def _flush_cork(self) -> None:
         cork = self._cork
@@ -443,7 +499,9 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
 
     def _drop(self) -> None:
         _stats.send_fail += 1
-        self._emit_error(SEND_FAIL, "send buffer full and drop package")
+        handler = self._handlers.on_error
+        if handler is not None:  # at once, also while a coroutine of this connection waits
+            self._notify(handler, "on_error", self, SEND_FAIL, "send buffer full and drop package")
 
     @property
     def send_buffer_size(self) -> int:
@@ -507,7 +565,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
     def resume_recv(self) -> None:
         """Read from the socket again."""
         self._recv_paused = False
-        if self._held:
+        if self._held or self._held_messages:
             asyncio.get_running_loop().call_soon(self._deliver_held)
         elif self._state is ESTABLISHED and not self._serial_paused:
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -522,6 +580,16 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def _deliver_held(self) -> None:
+        messages, self._held_messages = self._held_messages, None
+        if messages and self._state is ESTABLISHED:
+            if self._recv_paused:  # paused again before this ran
+                self._held_messages = messages
+                return
+            handler = self._handlers.on_message
+            if handler is not None:
+                self._dispatch(handler, messages)
+            if self._recv_paused or self._state is not ESTABLISHED:
+                return  # what else was held waits for the next resume_recv()
         held, self._held = self._held, None
         for data in held or ():
             if self._recv_paused:  # paused again while delivering: keep the rest
@@ -586,6 +654,23 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             return
         if result is not None and hasattr(result, "__await__"):
             self._start_serial(result)
+
+    def _notify(self, handler: Callable[..., Any], what: str, *args: Any) -> None:
+        """Run a flow-control callback at once, even while a coroutine callback of this
+        connection waits (an async producer must be able to pause); a coroutine it
+        returns runs behind the connection's callbacks when none runs, on its own else."""
+        try:
+            result = handler(*args)
+        except Exception:
+            report_exception(what, self)
+            return
+        if result is not None and hasattr(result, "__await__"):
+            if self._serial is None:
+                self._start_serial(result)
+            else:
+                task = asyncio.get_running_loop().create_task(_report_failure(result, what, self))
+                task.add_done_callback(_forget_task)
+                _running_tasks.add(task)
 
     def _emit_error(self, code: int, message: str) -> None:
         handler = self._handlers.on_error
@@ -681,6 +766,13 @@ def running_callback_tasks() -> set[asyncio.Task[Any]]:
     """The tasks of the coroutine callbacks connections are running (a stopping worker
     cancels them; a cancelled connection still gets its ``on_close``)."""
     return set(_running_tasks)
+
+
+async def _report_failure(awaitable: Any, what: str, connection: TcpConnection) -> None:
+    try:
+        await awaitable
+    except Exception:
+        report_exception(what, connection)
 
 
 def _awaited(awaitable: Any) -> Any:
