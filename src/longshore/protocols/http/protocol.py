@@ -235,7 +235,8 @@ class HttpProtocol(Protocol):
     def feed(self, data: bytes) -> list[Any]:
         if self._closing:
             return _EMPTY
-        self._out = out = []
+        out: list[Request] = []
+        self._out = out
         started_in_headers = self._in_headers
         try:
             self._parser.feed_data(data)

@@ -242,7 +242,7 @@ class ServerSentEvent:
 
     def encode(self) -> bytes:
         """The event on the wire, ending with a blank line."""
-        lines = []
+        lines: list[str] = []
         if self.comment is not None:
             lines.extend(": " + line for line in str(self.comment).splitlines() or [""])
         for field, value in (("event", self.event), ("id", self.id)):
