@@ -538,3 +538,36 @@ def test_unusable_channel_setting_is_refused_at_start(app_factory, setting):
     assert result.returncode == 1
     assert f"Worker.channel: {setting!r}" in result.stderr
     assert app.master_pid() is None
+
+
+def test_a_failing_coroutine_subscriber_is_logged_and_counted(app_factory):
+    app = app_factory("""
+from longshore import channel
+
+w = Worker("text://127.0.0.1:0", name="pubsub")
+
+async def broken(topic, message):
+    await asyncio.sleep(0)
+    raise RuntimeError("subscriber failed on " + message)
+
+async def fine(topic, message):
+    await asyncio.sleep(0)
+    for conn in list(w.connections.values()):
+        conn.send("got " + message)
+
+def on_worker_start(worker):
+    channel.subscribe("news", broken)
+    channel.subscribe("news", fine)
+
+w.on_worker_start = on_worker_start
+w.on_message = lambda conn, line: channel.publish("news", line)
+""").start()
+    sock = socket.create_connection(("127.0.0.1", app.port()), timeout=5)
+    with sock, sock.makefile("rwb") as stream:
+        for word in ("one", "two"):
+            stream.write(word.encode() + b"\n")
+            stream.flush()
+            assert stream.readline() == b"got " + word.encode() + b"\n"
+    wait_for(lambda: app.processes("pubsub")[0]["throw_exception"] == 2, what="both failures counted")
+    log = app.log()
+    assert "RuntimeError: subscriber failed on one" in log and "the channel callback of topic 'news'" in log

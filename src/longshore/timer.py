@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from . import tasks
 from .stats import process_stats
 
 log = logging.getLogger("longshore")
@@ -40,27 +41,14 @@ class _Entry:
         return self.due < other.due
 
 
-#: The running tasks of coroutine timer callbacks (the loop itself only keeps weak references).
-_tasks: set[asyncio.Task[Any]] = set()
-
-
 def _run_callback(entry: _Entry) -> None:
     try:
         result = entry.fn(*entry.args)
         if asyncio.iscoroutine(result):
-            task = asyncio.get_running_loop().create_task(result)
-            _tasks.add(task)
-            task.add_done_callback(_report_task_error)
+            tasks.run_coroutine(result, f"timer {entry.timer_id} ({entry.fn!r})")
     except Exception:
         process_stats.throw_exception += 1
         log.exception("exception in timer %d (%r)", entry.timer_id, entry.fn)
-
-
-def _report_task_error(task: asyncio.Task[Any]) -> None:
-    _tasks.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        process_stats.throw_exception += 1
-        log.error("exception in timer task", exc_info=task.exception())
 
 
 class Timer:
@@ -137,11 +125,6 @@ class Timer:
         cls._master_heap.clear()
 
     @classmethod
-    def _running_tasks(cls) -> set[asyncio.Task[Any]]:
-        """The tasks of coroutine callbacks still running (a stopping worker cancels them)."""
-        return set(_tasks)
-
-    @classmethod
     def count(cls) -> int:
         """How many timers are active in this process."""
         return len(cls._timers)
@@ -176,5 +159,5 @@ class Timer:
         """In a freshly forked worker: forget the master's timers."""
         cls._timers.clear()
         cls._master_heap.clear()
-        _tasks.clear()
+        tasks.forget_all()
         cls._in_master = False

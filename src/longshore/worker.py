@@ -25,7 +25,6 @@ beside ``on_worker_start``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from .protocols import get_protocol
 from .protocols.base import Protocol
 from .stats import PUBLISH_INTERVAL, STATE_RUNNING, STATE_STOPPING, StatsTable, process_stats, rss_bytes
 from .timer import Timer
-from . import lifeline, logs, users
+from . import lifeline, logs, tasks, users
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -269,7 +268,6 @@ class _WorkerProcess:
         self.done: asyncio.Future[int] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
         #: Running coroutine hooks (``on_worker_reload``): kept referenced, cancelled at the stop.
-        self.hook_tasks: set[asyncio.Task[Any]] = set()
         self.qps_samples: deque[tuple[float, int]] = deque()
         self.publish_count = 0
         self.cached_send_buffer = 0
@@ -438,19 +436,9 @@ class _WorkerProcess:
         try:
             result = hook(self.worker)
             if asyncio.iscoroutine(result):
-                task = asyncio.get_running_loop().create_task(result)
-                self.hook_tasks.add(task)
-                task.add_done_callback(functools.partial(self._hook_done, what))
+                tasks.run_coroutine(result, what)
         except Exception:
             report_exception(what)
-
-    def _hook_done(self, what: str, task: asyncio.Task[Any]) -> None:
-        """A coroutine hook finished: count and log what it raised."""
-        self.hook_tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        process_stats.throw_exception += 1
-        log.error("exception in %s", what, exc_info=task.exception())
 
     async def shutdown(self) -> None:
         loop = asyncio.get_running_loop()
@@ -497,8 +485,7 @@ class _WorkerProcess:
         Timer.delete_all()
         # What still awaits is cancelled; a connection's on_close still runs (after the
         # last message it handled).
-        tasks = running_callback_tasks() | Timer._running_tasks() | self.hook_tasks
-        await self.cancel_tasks(tasks, "coroutine callbacks, timers or hooks")
+        await self.cancel_tasks(running_callback_tasks() | tasks.running(), "coroutine callbacks, timers or hooks")
         if _channel_in_use():
             from . import channel
 
@@ -507,13 +494,13 @@ class _WorkerProcess:
         if self.done is not None and not self.done.done():
             self.done.set_result(0)
 
-    async def cancel_tasks(self, tasks: set[asyncio.Task[Any]], what: str) -> None:
-        """Cancel ``tasks`` and give them a moment to run their ``finally`` blocks."""
-        for task in tasks:
+    async def cancel_tasks(self, running: set[asyncio.Future[Any]], what: str) -> None:
+        """Cancel ``running`` tasks and give them a moment to run their ``finally`` blocks."""
+        for task in running:
             task.cancel()
-        if not tasks:
+        if not running:
             return
-        _, pending = await asyncio.wait(tasks, timeout=CANCEL_GRACE)
+        _, pending = await asyncio.wait(running, timeout=CANCEL_GRACE)
         if pending:
             log.warning("worker %s[%d]: %d %s did not end within %.1f s of being cancelled", self.worker.name, self.worker_id, len(pending), what, CANCEL_GRACE)
 

@@ -23,6 +23,7 @@ import os
 import socket
 from typing import Any, Callable, NamedTuple, Protocol as TypingProtocol
 
+from .. import tasks
 from ..stats import process_stats
 
 log = logging.getLogger("longshore")
@@ -186,7 +187,7 @@ class Channel:
             try:
                 result = callback(topic, message)
                 if asyncio.iscoroutine(result):
-                    asyncio.get_running_loop().create_task(result)
+                    tasks.run_coroutine(result, f"the channel callback of topic {topic!r}")
             except Exception:
                 process_stats.throw_exception += 1
                 log.exception("exception in the channel callback of topic %r", topic)

@@ -285,6 +285,7 @@ class EmbeddedBackend:
         self.next_query = 0
         self.retry_delay = RETRY_MIN
         self.ready: asyncio.Event | None = None
+        self.connecting: asyncio.Task[None] | None = None  # kept referenced while it runs
         self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
         self.on_connected: Callable[[], None] = lambda: None
 
@@ -299,7 +300,7 @@ class EmbeddedBackend:
 
     def _connect(self) -> None:
         if not self.stopping:
-            asyncio.get_running_loop().create_task(self._try_connect())
+            self.connecting = asyncio.get_running_loop().create_task(self._try_connect())
 
     async def _try_connect(self) -> None:
         loop = asyncio.get_running_loop()

@@ -59,6 +59,7 @@ class RedisBackend:
         self.pubsub: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.subscribing: set[asyncio.Task[Any]] = set()
+        self.unsubscribing: set[asyncio.Task[Any]] = set()
         self.control_topic = f"{prefix}:ctl:{address}"
         self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
         self.on_connected: Callable[[], None] = lambda: None
@@ -167,7 +168,9 @@ class RedisBackend:
             return
         self.topics.discard(topic)
         if self.pubsub is not None:
-            asyncio.get_running_loop().create_task(self._pubsub_call("unsubscribe", topic))
+            task = asyncio.get_running_loop().create_task(self._pubsub_call("unsubscribe", topic))
+            self.unsubscribing.add(task)  # kept referenced until done
+            task.add_done_callback(self.unsubscribing.discard)
 
     async def _pubsub_call(self, method: str, topic: str) -> None:
         pubsub = self.pubsub

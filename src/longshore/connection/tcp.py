@@ -26,6 +26,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import tasks
 from ..errors import PACKAGE_TOO_LARGE, SEND_FAIL, ProtocolError
 from ..stats import process_stats as _stats
 from .address import RemoteAddress, format_address
@@ -668,9 +669,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             if self._serial is None:
                 self._start_serial(result)
             else:
-                task = asyncio.get_running_loop().create_task(_report_failure(result, what, self))
-                task.add_done_callback(_forget_task)
-                _running_tasks.add(task)
+                tasks.run_coroutine(result, f"{what} (connection {self.id}, {self.remote_address})")
 
     def _emit_error(self, code: int, message: str) -> None:
         handler = self._handlers.on_error
@@ -766,13 +765,6 @@ def running_callback_tasks() -> set[asyncio.Task[Any]]:
     """The tasks of the coroutine callbacks connections are running (a stopping worker
     cancels them; a cancelled connection still gets its ``on_close``)."""
     return set(_running_tasks)
-
-
-async def _report_failure(awaitable: Any, what: str, connection: TcpConnection) -> None:
-    try:
-        await awaitable
-    except Exception:
-        report_exception(what, connection)
 
 
 def _awaited(awaitable: Any) -> Any:

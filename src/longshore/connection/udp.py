@@ -17,6 +17,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .. import tasks
 from ..errors import CONNECT_FAIL, SEND_FAIL, ProtocolError
 from ..listen import parse_listen
 from ..stats import process_stats as _stats
@@ -101,9 +102,8 @@ class UdpServer(asyncio.DatagramProtocol):
         for message in messages:
             try:
                 result = handler(connection, message)
-                if result is not None and hasattr(result, "__await__"):
-                    task = asyncio.get_running_loop().create_task(result)
-                    task.add_done_callback(_report_task)
+                if asyncio.iscoroutine(result):
+                    tasks.run_coroutine(result, "on_message (udp)")
             except Exception:
                 report_exception("on_message (udp)")
 
@@ -265,17 +265,10 @@ class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
             return
         try:
             result = handler(self, *args)
-            if result is not None and hasattr(result, "__await__"):
-                task = asyncio.get_running_loop().create_task(result)
-                task.add_done_callback(_report_task)
+            if asyncio.iscoroutine(result):
+                tasks.run_coroutine(result, what)
         except Exception:
             report_exception(what)
-
-
-def _report_task(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        _stats.throw_exception += 1
-        log.error("exception in on_message (udp)", exc_info=task.exception())
 
 
 __all__ = ["AsyncUdpConnection", "SEND_FAIL", "UdpConnection", "UdpServer"]

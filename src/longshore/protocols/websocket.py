@@ -833,6 +833,8 @@ class WebSocketProtocol(Protocol):
             if decision is not None and hasattr(decision, "__await__"):
                 self._state = _DECIDING
                 task = asyncio.get_running_loop().create_task(_await(decision))
+                _deciding.add(task)  # referenced until it is done (the loop keeps weak references)
+                task.add_done_callback(_deciding.discard)
                 task.add_done_callback(lambda done: self._decided(key, done))
                 return
             if not self._answer(key, decision):
@@ -913,6 +915,10 @@ class WebSocketProtocol(Protocol):
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+#: Coroutine on_websocket_connect decisions still running.
+_deciding: set[asyncio.Task[Any]] = set()
 
 
 def _frame_bytes(first: int, payload: bytes, mask: bool) -> bytes:
