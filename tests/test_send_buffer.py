@@ -8,6 +8,8 @@ import struct
 import threading
 import time
 
+import pytest
+
 from conftest import connect, is_closed, paced_producer, read_lines, wait_for
 
 RECORDER = """
@@ -379,12 +381,15 @@ w.on_buffer_full = on_buffer_full
     assert app.status()["processes"][0]["send_fail"] == 0
 
 
-def test_pause_recv_in_on_message_holds_the_rest_of_the_read(app_factory):
+@pytest.mark.parametrize("kind", ["def", "async def"])
+def test_pause_recv_in_on_message_holds_the_rest_of_the_read(app_factory, kind):
+    """Messages that arrived in the same read wait for resume_recv(), also when they are
+    queued behind a coroutine callback."""
     app = app_factory(
         RECORDER
-        + """
+        + f"""
 w = Worker("text://127.0.0.1:0", name="pausing")
-def on_message(conn, line):
+{kind} on_message(conn, line):
     results["send"].append([line, round(time.monotonic(), 3)])
     save()
     if line == "a":

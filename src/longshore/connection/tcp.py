@@ -151,6 +151,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         "_write_shut",
         "_write_failed",
         "_unsent_check",
+        "_resumed",
         "__dict__",
     )
 
@@ -185,6 +186,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._write_shut = False  # our end of the stream was sent (after the send buffer)
         self._write_failed = False  # a write failed: the peer went away (counted once)
         self._unsent_check: asyncio.TimerHandle | None = None
+        self._resumed: asyncio.Future[None] | None = None  # awaited by queued messages while paused
 
     @property
     def protocol(self) -> Protocol:
@@ -348,6 +350,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         if self._state is CLOSED:
             return
         self._state = CLOSED
+        self._release_queue()
         if self._unsent_check is not None:
             self._unsent_check.cancel()
             self._unsent_check = None
@@ -566,6 +569,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
     def resume_recv(self) -> None:
         """Read from the socket again."""
         self._recv_paused = False
+        self._release_queue()
         if self._held or self._held_messages:
             asyncio.get_running_loop().call_soon(self._deliver_held)
         elif self._state is ESTABLISHED and not self._serial_paused:
@@ -723,6 +727,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                 if not self._recv_paused and self._state is ESTABLISHED:
                     self.transport.resume_reading()  # type: ignore[union-attr]
             try:
+                if self._recv_paused and self._state is ESTABLISHED and handler is self._handlers.on_message:
+                    # pause_recv(): messages already read wait for resume_recv() too.
+                    self._resumed = asyncio.get_running_loop().create_future()
+                    await self._resumed
                 result = handler(*args)
                 if result is not None and hasattr(result, "__await__"):
                     await result
@@ -736,6 +744,12 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             self._serial_paused = False
             if not self._recv_paused and self._state is ESTABLISHED:
                 self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _release_queue(self) -> None:
+        """Let the queued callbacks go on (reading resumed, or the connection closed)."""
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
 
     async def _serial_cancelled(self) -> None:
         """The stopping worker cancelled the coroutine this connection was running: drop
