@@ -383,7 +383,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             hook()
         handler = self._handlers.on_buffer_full
         if handler is not None:
-            self._notify(handler, "on_buffer_full", self)
+            self._call(handler, "on_buffer_full", self, at_once=True)
 
     def resume_writing(self) -> None:
         self._buffer_full = False
@@ -393,7 +393,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             hook()
         handler = self._handlers.on_buffer_drain
         if handler is not None:
-            self._notify(handler, "on_buffer_drain", self)
+            self._call(handler, "on_buffer_drain", self, at_once=True)
 
     # -- sending -------------------------------------------------------------------------
     def send(self, data: Any, raw: bool = False) -> bool | None:
@@ -505,7 +505,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         _stats.send_fail += 1
         handler = self._handlers.on_error
         if handler is not None:  # at once, also while a coroutine of this connection waits
-            self._notify(handler, "on_error", self, SEND_FAIL, "send buffer full and drop package")
+            self._call(handler, "on_error", self, SEND_FAIL, "send buffer full and drop package", at_once=True)
 
     @property
     def send_buffer_size(self) -> int:
@@ -647,23 +647,14 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         return f"<{type(self).__name__} id={self.id} {self.remote_address} {self.state}>"
 
     # -- callbacks -----------------------------------------------------------------------
-    def _call(self, handler: Callable[..., Any], what: str, *args: Any) -> None:
-        """Run a callback now, or behind the coroutine this connection is running."""
-        if self._serial is not None:
+    def _call(self, handler: Callable[..., Any], what: str, *args: Any, at_once: bool = False) -> None:
+        """Run a callback now, or behind the coroutine this connection is running.
+
+        ``at_once``: now in any case (flow control: an async producer must learn in time
+        that it has to pause); a coroutine it returns then runs on its own."""
+        if self._serial is not None and not at_once:
             self._queue_serial(handler, args)
             return
-        try:
-            result = handler(*args)
-        except Exception:
-            report_exception(what, self)
-            return
-        if result is not None and hasattr(result, "__await__"):
-            self._start_serial(result)
-
-    def _notify(self, handler: Callable[..., Any], what: str, *args: Any) -> None:
-        """Run a flow-control callback at once, even while a coroutine callback of this
-        connection waits (an async producer must be able to pause); a coroutine it
-        returns runs behind the connection's callbacks when none runs, on its own else."""
         try:
             result = handler(*args)
         except Exception:
