@@ -571,3 +571,65 @@ w.on_message = lambda conn, line: channel.publish("news", line)
     wait_for(lambda: app.processes("pubsub")[0]["throw_exception"] == 2, what="both failures counted")
     log = app.log()
     assert "RuntimeError: subscriber failed on one" in log and "the channel callback of topic 'news'" in log
+
+
+def test_send_to_all_reaches_only_the_senders_worker(app_factory):
+    """send_to_all from the "chat" Worker reaches the chat clients of both its processes,
+    but neither the HTTP keep-alive connections of the "web" Worker (whose next response
+    must come out intact) nor the outgoing connections the chat processes hold."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    app = app_factory("""
+from longshore import channel
+
+chat = Worker("text://127.0.0.1:0", name="chat", count=2, reuse_port=True)
+web = Worker("http://127.0.0.1:0", name="web")
+links = []
+
+def on_worker_start(worker):
+    link = AsyncTcpConnection("text://127.0.0.1:" + os.environ["UPSTREAM"])
+    link.on_connect = lambda c: c.send("hello upstream")
+    link.connect()
+    links.append(link)
+
+def on_message(conn, line):
+    if line.startswith("toall "):
+        conn.send("sent " + str(channel.send_to_all(line[6:])))
+
+chat.on_connect = lambda conn: conn.send("id " + channel.client_id(conn))
+chat.on_worker_start = on_worker_start
+chat.on_message = on_message
+web.on_message = lambda conn, request: conn.send("page " + request.path)
+""")
+    app.env["UPSTREAM"] = str(upstream.getsockname()[1])
+    app.start()
+    port, web_port = app.port(0), app.port(1)
+    upstream.settimeout(5)
+    links = [upstream.accept()[0] for _ in range(2)]
+    for link in links:
+        link.settimeout(5)
+        assert link.recv(100) == b"hello upstream\n"
+
+    async def main() -> None:
+        a, b = await spread(port, 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", web_port)
+        writer.write(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"page /one"), 5)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        a.send("toall server restarting")
+        assert await a.line() == "server restarting" and await a.line() == "sent True"
+        assert await b.line() == "server restarting"
+        writer.write(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = await asyncio.wait_for(reader.readuntil(b"page /two"), 5)
+        assert second.startswith(b"HTTP/1.1 200") and b"restarting" not in second, second
+        writer.close()
+        a.close()
+        b.close()
+
+    asyncio.run(main())
+    for link in links:
+        link.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            data = link.recv(100)
+            raise AssertionError(f"an outgoing connection got {data!r}")
+        link.close()
+    upstream.close()

@@ -15,7 +15,7 @@ Addressing connections wherever they are::
     channel.send_to_uid("alice", "hi")
     channel.send_to_group("room:1", "hi all", exclude=channel.client_id(conn))
     channel.send_to_client(some_client_id, "just you")
-    channel.send_to_all("server restarting")
+    channel.send_to_all("server restarting")  # every client of this Worker
     await channel.is_online("alice"); await channel.group_count("room:1")
 
 Messages keep their type: a ``str`` arrives as ``str`` (a text frame on a WebSocket),
@@ -239,8 +239,10 @@ def send_to_group(group: str, data: Any, exclude: Any = None) -> bool:
 
 
 def send_to_all(data: Any, exclude: Any = None) -> bool:
-    """Send ``data`` to every connection of every worker process of the application
-    (every instance, with Redis), except ``exclude``."""
+    """Send ``data`` to every connection accepted by this process's Worker, in each of
+    its processes (and, with Redis, in every instance: the Worker of the same name),
+    except ``exclude``. Outgoing connections (``AsyncTcpConnection``) and the
+    connections of the application's other Workers are left alone."""
     return _require_gateway().send_to_all(data, exclude)
 
 

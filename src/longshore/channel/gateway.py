@@ -2,11 +2,16 @@
 
 Each worker process keeps only its own connections' bindings (uid, groups) and, on the
 channel, subscribes to one topic per uid and per group it holds members of, plus one
-topic for itself (``send_to_client``) and one for everyone (``send_to_all``). A send is
+topic for itself (``send_to_client``) and one for its Worker (``send_to_all``). A send is
 delivered at once to the matching connections of the sending process and published
 once; every other process that holds matching connections gets it from the channel
 and delivers it to them. A message therefore crosses the channel once per process,
 never once per connection.
+
+``send_to_all`` reaches the connections accepted by the sending Worker: the processes
+of the Worker with the same name, in every instance. Never outgoing connections
+(``AsyncTcpConnection``), never the connections of other Workers (an HTTP keep-alive
+connection of another Worker would otherwise get bytes in the middle of its responses).
 
 Delivery to a connection is ``conn.send()``, so each connection's send buffer contract
 holds: a client that does not read loses its own copies (counted in ``send_fail`` and
@@ -29,6 +34,13 @@ if TYPE_CHECKING:
     from ..connection.tcp import TcpConnection
 
 
+def _current_worker_name() -> str:
+    from ..worker import Worker
+
+    worker = Worker.current
+    return worker.name if worker is not None else "none"
+
+
 class Gateway:
     """The uid and group bindings of this process's connections, and the ``send_to_*`` calls."""
 
@@ -37,7 +49,8 @@ class Gateway:
         self.address = channel.address
         prefix = channel.prefix
         self.process_topic = f"{prefix}:gw:p:{self.address}"
-        self.all_topic = f"{prefix}:gw:all"
+        #: ``send_to_all``'s topic: one per Worker name, shared by its processes everywhere.
+        self.all_topic = f"{prefix}:gw:all:{_current_worker_name()}"
         self.uid_prefix = f"{prefix}:gw:u:"
         self.group_prefix = f"{prefix}:gw:g:"
         self.uid_of: dict[TcpConnection, str] = {}
@@ -161,6 +174,12 @@ class Gateway:
         worker = Worker.current
         return worker.connections if worker is not None else {}
 
+    def _accepted_connections(self) -> list[TcpConnection]:
+        """This process's connections accepted by its Worker (not the outgoing ones)."""
+        from ..connection.async_tcp import AsyncTcpConnection
+
+        return [connection for connection in self._local_connections().values() if not isinstance(connection, AsyncTcpConnection)]
+
     def send_to_client(self, client_id: str, message: Any) -> bool:
         parsed = parse_client_id(client_id)
         process_stats.channel_published += 1
@@ -194,7 +213,7 @@ class Gateway:
     def send_to_all(self, message: Any, exclude: Any = None) -> bool:
         excluded = self._exclude_list(exclude)
         process_stats.channel_published += 1
-        self.deliver(self._local_connections().values(), message, self._local_ids(excluded))
+        self.deliver(self._accepted_connections(), message, self._local_ids(excluded))
         extra = {"x": excluded} if excluded else None
         return self.channel.send(self.all_topic, encode_envelope(self.address, message, extra))
 
@@ -219,7 +238,7 @@ class Gateway:
 
     def _on_all_message(self, header: dict[str, Any], message: Any) -> None:
         excluded = header.get("x")
-        self.deliver(self._local_connections().values(), message, self._local_ids(excluded) if excluded else None)
+        self.deliver(self._accepted_connections(), message, self._local_ids(excluded) if excluded else None)
 
     # -- counts --------------------------------------------------------------------
     async def uid_count(self, uid: str) -> int:
