@@ -633,3 +633,67 @@ web.on_message = lambda conn, request: conn.send("page " + request.path)
             raise AssertionError(f"an outgoing connection got {data!r}")
         link.close()
     upstream.close()
+
+
+LINK_FLOOD = """
+from longshore import channel
+from longshore.channel import embedded
+
+embedded.LINK_BUFFER_LIMIT = 1 << 20  # (the hub and the workers are forked after this)
+w = Worker("text://127.0.0.1:0", name="chat", count=2, reuse_port=True)
+got = [0]
+
+def on_news(topic, message):
+    got[0] += 1
+
+async def on_message(conn, line):
+    cmd, _, arg = line.partition(" ")
+    if cmd == "burst":  # the link to the hub is far behind, then a join in the same callback
+        ok = sum(1 for _ in range(40) if channel.publish("other", b"z" * 100_000))
+        channel.join_group(conn, "room")
+        conn.send(f"burst {ok}")
+    elif cmd == "block":  # not reading the hub while others publish, then a query
+        time.sleep(float(arg))
+        try:
+            conn.send(f"count {await channel.group_count('nobody')}")
+        except channel.ChannelError as exc:
+            conn.send(f"count error {exc}")
+    elif cmd == "flood":
+        ok = sum(1 for _ in range(int(arg)) if channel.publish("news", b"z" * 100_000))
+        conn.send(f"flood {ok}")
+    elif cmd == "count":
+        conn.send(f"count {arg} {await channel.group_count(arg)}")
+    elif cmd == "say":
+        channel.send_to_group(arg, "hi " + arg)
+    elif cmd == "got":
+        conn.send(f"got {got[0]}")
+
+channel.subscribe("news", on_news)
+w.on_connect = lambda conn: conn.send("id " + channel.client_id(conn))
+w.on_message = on_message
+"""
+
+
+def test_embedded_control_frames_survive_a_full_link(app_factory):
+    """A worker whose link to the hub is over its buffer limit still subscribes and
+    announces its count (only messages are dropped); the hub still answers a query of
+    a worker whose link is full of messages."""
+    app = app_factory(LINK_FLOOD)
+    port = app.start().port()
+
+    async def main() -> None:
+        a, b = await spread(port, 2)
+        line = await a.ask("burst")
+        assert line.startswith("burst ") and int(line.split()[1]) < 40, line  # some were dropped
+        await wait_for_answer(b, "count room", "count room 1", timeout=3)
+        b.send("say room")
+        assert await a.line() == "hi room"
+        a.send("block 1")
+        await asyncio.sleep(0.2)
+        line = await b.ask("flood 40")  # 4 MB for a's process, which does not read
+        assert line.startswith("flood "), line
+        assert await a.line(timeout=10) == "count 0"
+        a.close()
+        b.close()
+
+    asyncio.run(main())

@@ -25,8 +25,10 @@ Q     how many of key, in all processes?   4-byte query id (answer: op A, body:
 The links are plain asyncio protocols rather than ``TcpConnection`` objects: they are
 the framework's own plumbing, so they must not appear among the application's
 connections, in its ``send_fail`` or in a graceful stop's wait. A link whose peer does
-not read (more than ``LINK_BUFFER_LIMIT`` bytes waiting) loses messages, and they are
-counted as dropped, like a slow client's.
+not read (more than ``LINK_BUFFER_LIMIT`` bytes waiting) loses messages (P and M
+frames), and they are counted as dropped, like a slow client's. The other frames
+(subscriptions, counts, queries and their answers) are small and always written: losing
+one would leave a subscription or a count wrong until the next reconnection.
 
 A worker reconnects after a hub restart with a growing delay (50 ms up to 1 s), then
 subscribes again and re-announces its counts; what was published while it was away is
@@ -128,12 +130,16 @@ class Link(asyncio.Protocol):
         self.transport = None
         self.owner.link_lost(self)
 
-    def write(self, data: bytes) -> bool:
-        """Write one packed frame; False (and nothing written) if the peer is too far behind."""
+    def write(self, data: bytes, bounded: bool = False) -> bool:
+        """Write one packed frame; False (and nothing written) if the link is closed.
+
+        ``bounded`` (a message): also False if the peer is too far behind (more than
+        ``LINK_BUFFER_LIMIT`` bytes waiting). Control frames are always written.
+        """
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        if transport.get_write_buffer_size() > LINK_BUFFER_LIMIT:
+        if bounded and transport.get_write_buffer_size() > LINK_BUFFER_LIMIT:
             return False
         transport.write(data)
         return True
@@ -178,7 +184,7 @@ class Hub:
                     continue
                 if message is None:
                     message = (len(frame) + 4).to_bytes(4, "big") + bytes((OP_MESSAGE,)) + frame[1:]
-                if subscriber.write(message):
+                if subscriber.write(message, bounded=True):
                     self.routed += 1
                 else:
                     self.dropped += 1
@@ -373,7 +379,7 @@ class EmbeddedBackend:
 
     def publish(self, topic: str, payload: bytes) -> bool:
         link = self.link
-        return link is not None and link.write(pack(OP_PUBLISH, topic.encode(), payload))
+        return link is not None and link.write(pack(OP_PUBLISH, topic.encode(), payload), bounded=True)
 
     def set_count(self, key: str, count: int) -> None:
         if count:
@@ -393,7 +399,7 @@ class EmbeddedBackend:
         self.queries[query] = future
         if not link.write(pack(OP_QUERY, key.encode(), query.to_bytes(4, "big"))):
             self.queries.pop(query, None)
-            raise ChannelError("the channel hub is not reading")
+            raise ChannelError("the channel hub is not connected")
         try:
             return await asyncio.wait_for(future, QUERY_TIMEOUT)
         except asyncio.TimeoutError:
