@@ -83,3 +83,82 @@ c.on_worker_start = on_worker_start
     assert second_pid != first_pid
     wait_for(lambda: f"message target {second_pid} hello" in lines(), timeout=5, what="the answer after the restart")
     wait_for(lambda: client.processes("client")[0]["connections"] == 1, what="connected again (the wss one was not told to)")
+
+
+def test_close_while_connecting_gives_the_attempt_up_and_a_later_connect_starts_afresh(app_factory):
+    # A TLS "server" that accepts and never answers: the client's handshake waits there.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    silent.settimeout(5)
+    target = free_port()
+    app = app_factory(
+        f"""
+from longshore.stats import process_stats
+target = Worker("text://127.0.0.1:{target}", name="target")
+LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def record(*words):
+    with open(LOG, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+
+target.on_message = lambda conn, line: record("target got", line)
+
+def on_worker_start(worker):
+    # Plain TCP: close() right after connect(), then connect() again.
+    plain = AsyncTcpConnection("text://127.0.0.1:{target}")
+    plain.on_connect = lambda conn: record("plain connect")
+    plain.on_error = lambda conn, code, message: record("plain error", code, message)
+    plain.on_close = lambda conn: record("plain close", conn.state)
+    plain.connect()
+    record("queued", plain.send("dropped"))
+    plain.close()
+    record("after close", plain.state, plain.send_buffer_size, plain.bytes_written, plain.send("refused"))
+    plain.connect()
+    record("queued", plain.send("kept"))
+
+    # TLS stuck in its handshake: close() later, while it waits, then connect() again.
+    stuck = AsyncTcpConnection("text://127.0.0.1:{silent.getsockname()[1]}", ssl={{"verify": False}},
+                               connect_timeout=30, ssl_handshake_timeout=30)
+    stuck.on_connect = lambda conn: record("stuck connect")
+    stuck.on_error = lambda conn, code, message: record("stuck error", code, message)
+    stuck.on_close = lambda conn: record("stuck close", conn.state)
+    stuck.connect()
+    stuck.send("never")
+    def give_up():
+        record("stuck before close", stuck.state)
+        stuck.close()
+        stuck.connect()
+        record("stuck after connect", stuck.state)
+    Timer.add(0.5, give_up, persistent=False)
+    Timer.add(1.5, lambda: record("send_fail", process_stats.send_fail, "connect_fail", process_stats.connect_fail), persistent=False)
+
+target.on_worker_start = on_worker_start
+"""
+    ).start()
+    events = app.folder / "events.txt"
+
+    def lines() -> list[str]:
+        return events.read_text().splitlines() if events.exists() else []
+
+    first, _ = silent.accept()
+    first.settimeout(5)
+    assert first.recv(4096)  # the ClientHello: the handshake waits for an answer
+    # close() closed the half-made socket, and the new connect() made another one.
+    while first.recv(4096):
+        pass
+    second, _ = silent.accept()
+    second.settimeout(5)
+    assert second.recv(4096)
+    wait_for(lambda: any(line.startswith("send_fail") for line in lines()), what="the counters")
+    got = lines()
+    assert got[:4] == ["queued None", "plain close closed", "after close closed 0 0 False", "queued None"]
+    assert "plain connect" in got and "target got kept" in got and "target got dropped" not in got
+    assert "stuck before close connecting" in got and "stuck after connect connecting" in got
+    assert got.count("stuck close closed") == 1 and got.index("stuck close closed") < got.index("stuck after connect connecting")
+    assert not any("error" in line for line in got)
+    # Dropped by the application's own close(): not a send_fail; the refused send() is one.
+    assert "send_fail 1 connect_fail 0" in got
+    second.close()
+    first.close()
+    silent.close()

@@ -17,6 +17,11 @@ handshake or certificate that fails) counts ``connect_fail`` and calls
 ``on_close`` that calls :meth:`~AsyncTcpConnection.reconnect` keeps a client trying
 whether the server went away or was never there. An established outgoing connection
 counts in its process's ``connections`` like an accepted one.
+
+``close()`` (or ``destroy()``) while connecting gives the attempt up: its socket is
+closed, what ``send()`` queued is dropped (the application's own choice, as with
+``destroy()``: not a ``send_fail``) and ``on_close`` follows, so every ``connect()`` ends
+with one ``on_close``. A later ``connect()`` or ``reconnect()`` starts a new attempt.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class AsyncTcpConnection(TcpConnection):
 
     __slots__ = (
         "_connect_task",
+        "_dialing",
         "_was_full",
         "remote_url",
         "_target",
@@ -113,6 +119,7 @@ class AsyncTcpConnection(TcpConnection):
         self._pending_size = 0
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[None] | None = None
+        self._dialing = False  # the current attempt's socket is being made (connection_made may come)
         self._was_full = False
         self._reconnect_after_close: float | None = None
 
@@ -120,16 +127,21 @@ class AsyncTcpConnection(TcpConnection):
         """Start connecting (returns at once; ``on_connect`` or ``on_error`` follows)."""
         if self._state is ESTABLISHED or self._state is CLOSING:
             return
-        if self._connect_task is not None and not self._connect_task.done():
+        previous = self._connect_task
+        if self._state is CONNECTING and previous is not None and not previous.done():
             return  # an attempt is under way
         loop = asyncio.get_running_loop()
         if self._state is CLOSED:  # a new connection: both ways open again
             self._got_eof = self._read_shut = self._write_shut = False
         self._state = CONNECTING
         self._reconnect_handle = None
-        self._connect_task = loop.create_task(self._connect())
+        self._connect_task = loop.create_task(self._connect(previous))
 
-    async def _connect(self) -> None:
+    async def _connect(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            # An attempt given up by close() (or one ending in its own on_close): let it
+            # close its socket first, so that it never reaches connection_made.
+            await asyncio.wait([previous])
         loop = asyncio.get_running_loop()
         target = self._target
         self.protocol = self._protocol_class(self)
@@ -138,6 +150,7 @@ class AsyncTcpConnection(TcpConnection):
             tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self.ssl_handshake_timeout}
             if target.transport == "unix" or self.server_hostname is not None:
                 tls["server_hostname"] = self.server_hostname or "localhost"
+        self._dialing = True
         try:
             if target.transport == "unix":
                 coroutine = loop.create_unix_connection(lambda: self, target.path, **tls)
@@ -145,9 +158,12 @@ class AsyncTcpConnection(TcpConnection):
                 coroutine = loop.create_connection(lambda: self, target.host, target.port, **tls)
             await asyncio.wait_for(coroutine, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            if self._state is ESTABLISHED:
+            if self._state is ESTABLISHED or self._connect_task is not asyncio.current_task():
                 return
             self._connect_failed("timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc)))
+        finally:
+            if self._connect_task is asyncio.current_task():
+                self._dialing = False
 
     def _connect_failed(self, reason: str) -> None:
         if self._state is CLOSED:  # closed by the application while connecting
@@ -161,7 +177,7 @@ class AsyncTcpConnection(TcpConnection):
             self._call(handler, "on_close", self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        if self._state is CLOSED:  # closed by the application while connecting
+        if self._state is not CONNECTING or not self._dialing:  # an attempt given up by close()
             transport.close()
             return
         self._was_full, self._buffer_full = self._buffer_full, False
@@ -249,9 +265,38 @@ class AsyncTcpConnection(TcpConnection):
             self._reconnect_handle = None
 
     def close(self, data: Any = None, raw: bool = False) -> None:
-        """As for accepted connections; also stops a connect in progress and any planned reconnect."""
+        """As for accepted connections; also forgets a planned reconnect. While connecting,
+        gives the attempt up: its socket is closed, nothing is sent (not even ``data``) and
+        ``on_close`` follows."""
         self.cancel_reconnect()
+        if self._state is CONNECTING:
+            self._give_up()
+            return
         super().close(data, raw)
+
+    def destroy(self) -> None:
+        """As for accepted connections; while connecting, the same as :meth:`close`."""
+        if self._state is CONNECTING:
+            self.cancel_reconnect()
+            self._give_up()
+            return
+        super().destroy()
+
+    def _give_up(self) -> None:
+        """Stop the attempt under way: close its socket (cancelling the task that makes
+        it), drop what waits to be sent, and call ``on_close`` when ``connect()`` had
+        started an attempt."""
+        task = self._connect_task
+        attempting = task is not None and not task.done()
+        self._state = CLOSED
+        self._dialing = False
+        self.bytes_written -= self._pending_size
+        self._pending, self._pending_size = [], 0
+        if task is not None and attempting:
+            task.cancel()
+            handler = self._handlers.on_close
+            if handler is not None:
+                self._call(handler, "on_close", self)
 
 
 __all__ = ["AsyncTcpConnection", "CONNECT_FAIL", "SEND_FAIL"]
