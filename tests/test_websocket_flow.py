@@ -510,3 +510,50 @@ def test_frames_sent_before_the_handshake_count_toward_the_send_buffer_and_follo
     assert client["buffered"] == 4 * 308  # masked frames: 4 bytes more each
     assert results["received"] == ["k0", "k1", "k2", "k3"]
     wait_for(lambda: sum(p["send_fail"] for p in app.processes()) >= 6, what="send_fail counted")
+
+
+DECIDING = (
+    RECORDER
+    + """
+w = Worker("websocket://127.0.0.1:0", name="ws", stop_timeout=4)
+results.update(messages=[], errors=[], decided=[])
+
+async def on_websocket_connect(conn, request):
+    try:
+        await asyncio.sleep(float(request.query.get("wait", "0.2")))
+    finally:
+        results["decided"].append(request.path)
+        save()
+    return 403 if request.path == "/refuse" else None
+
+w.on_websocket_connect = on_websocket_connect
+w.on_message = lambda conn, message: (results["messages"].append(message), save())
+w.on_error = lambda conn, code, message: (results["errors"].append([code, message]), save())
+"""
+)
+
+UPGRADE_REQUEST = (
+    "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_nothing_more_is_read_while_an_async_on_websocket_connect_decides(app_factory):
+    app = app_factory(DECIDING).start()
+    port = app.port()
+    baseline = app.processes("ws")[0]["memory"]
+    sock = connect(port)
+    sock.sendall(UPGRADE_REQUEST.format(path="/refuse?wait=2").encode())
+    sock.setblocking(False)
+    junk = b"\x00" * (1 << 20)
+    sent = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(junk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    # What the socket buffers hold, not what a client can push in a second (hundreds of MiB).
+    assert sent < 48 * 1024 * 1024
+    assert app.processes("ws")[0]["memory"] - baseline < 48 * 1024 * 1024
+    sock.close()

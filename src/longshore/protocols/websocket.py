@@ -778,6 +778,9 @@ class WebSocketProtocol(Protocol):
             buffer = self._buffer = bytearray()
         buffer += data
         if self._state == _DECIDING:
+            # Kept for after the decision; reading stays paused until then (again, in
+            # case the application resumed it), so what waits is at most one read.
+            self.connection.transport.pause_reading()
             return _EMPTY
         try:
             parsed = _take_head(buffer, HttpRequestParser, self._setting("max_header_size"))
@@ -832,6 +835,9 @@ class WebSocketProtocol(Protocol):
                 decision = 500
             if decision is not None and hasattr(decision, "__await__"):
                 self._state = _DECIDING
+                # Nothing more is read until the decision: what the client sends
+                # meanwhile waits in the socket, not in memory.
+                self.connection.transport.pause_reading()
                 task = asyncio.get_running_loop().create_task(_await(decision))
                 _deciding.add(task)  # referenced until it is done (the loop keeps weak references)
                 task.add_done_callback(_deciding.discard)
@@ -855,6 +861,9 @@ class WebSocketProtocol(Protocol):
             decision = task.result()
         self._state = _HANDSHAKE
         if self._answer(key, decision):
+            connection = self.connection
+            if not connection._recv_paused and not connection._serial_paused and not connection.closed:
+                connection.transport.resume_reading()
             messages = self._after_open()
             if messages:
                 handler = self.connection.on_message
