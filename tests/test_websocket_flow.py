@@ -557,3 +557,30 @@ def test_nothing_more_is_read_while_an_async_on_websocket_connect_decides(app_fa
     assert sent < 48 * 1024 * 1024
     assert app.processes("ws")[0]["memory"] - baseline < 48 * 1024 * 1024
     sock.close()
+
+
+def test_frames_that_came_while_an_async_on_websocket_connect_decided_are_read_after_it(app_factory):
+    app = app_factory(DECIDING).start()
+    port = app.port()
+    # Good frames, in the chunk of the handshake and after it: delivered and counted.
+    good = connect(port)
+    good.sendall(UPGRADE_REQUEST.format(path="/good?wait=0.3").encode() + frame(1, b"one"))
+    time.sleep(0.05)
+    good.sendall(frame(1, b"two") + frame(1, b"three"))
+    assert good.recv(12) == b"HTTP/1.1 101"
+    # A bad frame: the connection is failed with 1002 (not left open), and on_error hears of it.
+    bad = connect(port)
+    bad.sendall(UPGRADE_REQUEST.format(path="/bad?wait=0.3").encode() + frame(1, b"hi", mask=False))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += bad.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert read_close(bad)[0] == 1002
+    assert is_closed(bad)
+    results = wait_for(lambda: (r := app.read_json("results.json")) and len(r["messages"]) == 3 and r["errors"] and r, what="messages and the error")
+    assert results["messages"] == ["one", "two", "three"]
+    assert results["errors"][0][0] == 3  # PROTOCOL_ERROR
+    process = app.processes("ws")[0]
+    assert process["total_request"] == 3
+    assert process["protocol_error"] == 1
+    good.close()

@@ -864,12 +864,16 @@ class WebSocketProtocol(Protocol):
             connection = self.connection
             if not connection._recv_paused and not connection._serial_paused and not connection.closed:
                 connection.transport.resume_reading()
-            messages = self._after_open()
+            try:
+                messages = self._after_open()
+            except ProtocolError as exc:  # a bad frame came while deciding
+                connection._protocol_error(exc)
+                return
             if messages:
-                handler = self.connection.on_message
-                for message in messages:
-                    if handler is not None:
-                        self.connection._call(handler, "on_message", self.connection, message)
+                _stats.total_request += len(messages)
+                handler = connection.on_message
+                if handler is not None:
+                    connection._dispatch(handler, messages)
 
     def _answer(self, key: str, decision: Any) -> bool:
         """Send the 101 (True) or the refusal (False) the decision calls for."""
