@@ -524,6 +524,8 @@ async def on_websocket_connect(conn, request):
     finally:
         results["decided"].append(request.path)
         save()
+    if request.path == "/raise":
+        raise RuntimeError("lookup failed")
     return 403 if request.path == "/refuse" else None
 
 w.on_websocket_connect = on_websocket_connect
@@ -584,3 +586,23 @@ def test_frames_that_came_while_an_async_on_websocket_connect_decided_are_read_a
     assert process["total_request"] == 3
     assert process["protocol_error"] == 1
     good.close()
+
+
+def test_a_stop_cancels_an_async_on_websocket_connect_still_deciding(app_factory):
+    app = app_factory(DECIDING).start()
+    port = app.port()
+    failing = connect(port)
+    failing.sendall(UPGRADE_REQUEST.format(path="/raise?wait=0").encode())
+    assert failing.recv(12) == b"HTTP/1.1 500"
+    assert wait_for(lambda: app.processes("ws")[0]["throw_exception"]) == 1  # counted once
+    sock = connect(port, timeout=10)
+    sock.sendall(UPGRADE_REQUEST.format(path="/lookup?wait=30").encode())
+    time.sleep(0.3)
+    started = time.monotonic()
+    app.cli("stop")
+    assert time.monotonic() - started < 4
+    assert is_closed(sock)  # no answer: the worker went away
+    assert app.read_json("results.json")["decided"] == ["/raise", "/lookup"]  # its finally block ran
+    log = app.log()
+    assert log.count("exception in on_websocket_connect") == 1 and "did not end" not in log
+    assert "Task was destroyed" not in log

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import os
 import time
@@ -58,6 +59,7 @@ from urllib.parse import urlsplit
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
+from .. import tasks
 from ..connection.tcp import ESTABLISHED, TcpConnection
 from ..errors import CONNECT_FAIL, PackageTooLarge, ProtocolError
 from ..stats import process_stats as _stats
@@ -838,30 +840,31 @@ class WebSocketProtocol(Protocol):
                 # Nothing more is read until the decision: what the client sends
                 # meanwhile waits in the socket, not in memory.
                 self.connection.transport.pause_reading()
-                task = asyncio.get_running_loop().create_task(_await(decision))
-                _deciding.add(task)  # referenced until it is done (the loop keeps weak references)
-                task.add_done_callback(_deciding.discard)
-                task.add_done_callback(lambda done: self._decided(key, done))
+                # A task of longshore.tasks: referenced until done, its failure logged and
+                # counted, and cancelled when the worker stops.
+                connection = self.connection
+                task = tasks.run_coroutine(decision, f"on_websocket_connect (connection {connection.id}, {connection.remote_address})")
+                task.add_done_callback(functools.partial(self._decided, key))
                 return
             if not self._answer(key, decision):
                 return
         else:
             self._answer(key, None)
 
-    def _decided(self, key: str, task: asyncio.Task[Any]) -> None:
-        if self.connection.closed:
+    def _decided(self, key: str, task: asyncio.Future[Any]) -> None:
+        connection: Any = self.connection
+        if task.cancelled():  # the worker stops: no answer, the connection goes with it
+            self._state = _CLOSED
+            self._held = None
+            self._held_size = 0
+            if not connection.closed:
+                _close_socket(connection)
             return
-        if task.cancelled() or task.exception() is not None:
-            _stats.throw_exception += 1
-            import logging
-
-            logging.getLogger("longshore").error("exception in on_websocket_connect", exc_info=None if task.cancelled() else task.exception())
-            decision: Any = 500
-        else:
-            decision = task.result()
+        if connection.closed:
+            return
+        decision: Any = 500 if task.exception() is not None else task.result()  # a failure is logged by longshore.tasks
         self._state = _HANDSHAKE
         if self._answer(key, decision):
-            connection = self.connection
             if not connection._recv_paused and not connection._serial_paused and not connection.closed:
                 connection.transport.resume_reading()
             try:
@@ -924,14 +927,6 @@ class WebSocketProtocol(Protocol):
         if hook is not None:
             connection._call(hook, "on_websocket_connected", connection)
         return True
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
-
-
-#: Coroutine on_websocket_connect decisions still running.
-_deciding: set[asyncio.Task[Any]] = set()
 
 
 def _frame_bytes(first: int, payload: bytes, mask: bool) -> bytes:
