@@ -162,3 +162,65 @@ target.on_worker_start = on_worker_start
     second.close()
     first.close()
     silent.close()
+
+
+def test_a_new_connection_starts_afresh_after_the_last_one_failed_a_write(app_factory):
+    port = free_port()
+    app = app_factory(
+        f"""
+from longshore.stats import process_stats
+target = Worker("text://127.0.0.1:{port}", name="target")
+accepted = [0]
+
+def on_connect(conn):
+    accepted[0] += 1
+    if accepted[0] <= 2:
+        Timer.add(0.3, conn.close, persistent=False)  # the client no longer reads: its writes meet a reset
+
+target.on_connect = on_connect
+target.on_message = lambda conn, line: conn.send("echo " + line)
+LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def record(*words):
+    with open(LOG, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+
+def on_worker_start(worker):
+    client = AsyncTcpConnection("text://127.0.0.1:{port}")
+    rounds = [0]
+
+    def on_connect(conn):
+        rounds[0] += 1
+        n = rounds[0]
+        record("round", n, "read", conn.bytes_read, "written", conn.bytes_written)
+        if n <= 2:
+            Timer.add(0.1, conn.pause_recv, persistent=False)  # the server's FIN goes unseen
+            def write():
+                conn.send("first")
+                Timer.add(0.1, lambda: record("round", n, "second send", conn.send("second"), "send_fail", process_stats.send_fail), persistent=False)
+            Timer.add(0.5, write, persistent=False)
+        else:
+            conn.send("hello")
+
+    client.on_connect = on_connect
+    client.on_message = lambda conn, line: record("message", line, "read", conn.bytes_read, "written", conn.bytes_written)
+    client.on_error = lambda conn, code, message: record("error", code)
+    client.on_close = lambda conn: conn.connect()  # at once, from on_close
+    client.connect()
+
+target.on_worker_start = on_worker_start
+"""
+    ).start()
+    events = app.folder / "events.txt"
+
+    def lines() -> list[str]:
+        return events.read_text().splitlines() if events.exists() else []
+
+    wait_for(lambda: any(line.startswith("message") for line in lines()), what="the third connection's answer")
+    got = lines()
+    # A failed write is counted once per connection: on the second connection too.
+    assert got.count("error 2") == 2
+    assert "round 1 second send False send_fail 1" in got and "round 2 second send False send_fail 2" in got
+    # The third connection reads (pause_recv belonged to the last one) and counts its own bytes.
+    assert "round 3 read 0 written 0" in got
+    assert "message echo hello read 11 written 6" in got

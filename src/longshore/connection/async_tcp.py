@@ -131,11 +131,29 @@ class AsyncTcpConnection(TcpConnection):
         if self._state is CONNECTING and previous is not None and not previous.done():
             return  # an attempt is under way
         loop = asyncio.get_running_loop()
-        if self._state is CLOSED:  # a new connection: both ways open again
-            self._got_eof = self._read_shut = self._write_shut = False
+        if self._state is CLOSED:
+            self._forget_last_connection()
         self._state = CONNECTING
         self._reconnect_handle = None
         self._connect_task = loop.create_task(self._connect(previous))
+
+    def _forget_last_connection(self) -> None:
+        """A new connection starts as a new accepted one would: both ways open, reading,
+        nothing unsent, no failed write, its own byte counts. A send buffer that was full
+        when the last one closed is reported drained once the new one is up."""
+        self._got_eof = self._read_shut = self._write_shut = False
+        self._write_failed = False
+        self._unsent_hint = 0
+        self._cork, self._cork_size, self._cork_base = None, 0, 0
+        self._was_full, self._buffer_full = self._buffer_full, False
+        self._recv_paused = False
+        self._held = self._held_messages = None
+        if self._unsent_check is not None:
+            self._unsent_check.cancel()
+            self._unsent_check = None
+        self.transport = None
+        self.bytes_read = 0
+        self.bytes_written = self._pending_size  # what waits from before goes out on the new one
 
     async def _connect(self, previous: asyncio.Task[None] | None) -> None:
         if previous is not None and not previous.done():
@@ -180,7 +198,7 @@ class AsyncTcpConnection(TcpConnection):
         if self._state is not CONNECTING or not self._dialing:  # an attempt given up by close()
             transport.close()
             return
-        self._was_full, self._buffer_full = self._buffer_full, False
+        self._was_full, self._buffer_full = self._was_full or self._buffer_full, False
         self.reconnect_attempts = 0
         super().connection_made(transport)
 
@@ -191,7 +209,8 @@ class AsyncTcpConnection(TcpConnection):
             self.transport.write(b"".join(pending))  # type: ignore[union-attr]
         if self._write_shut:  # a pipe's source finished while connecting: end the stream after it
             self.transport.write_eof()  # type: ignore[union-attr]
-        if self._was_full and not self._buffer_full:
+        was_full, self._was_full = self._was_full, False
+        if was_full and not self._buffer_full:
             self.resume_writing()  # what waited is on its way: let a paused source go on
 
     def _can_write_eof(self) -> bool:
