@@ -85,3 +85,59 @@ client.on_worker_start = on_worker_start
     wait_for(lambda: "error 1 " in events.read_text(), what="CONNECT_FAIL from the closed port")
     wait_for(lambda: (lambda p: p["connections"] == 2 and p["connect_fail"] == 1 and p["total_request"] == 2)(app.processes("udp-client")[0]),
              what="outgoing udp counted in status")
+
+
+def test_a_datagram_over_the_udp_maximum_is_refused_and_a_failed_send_is_counted(app_factory):
+    app = app_factory(
+        """
+from longshore import AsyncUdpConnection
+from longshore.connection.udp import UdpConnection
+server = Worker("udp://127.0.0.1:0", name="udp-server")
+LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def record(*words):
+    with open(LOG, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+
+def on_message(conn, data):
+    if data == b"broadcast":  # the socket may not broadcast: the loop reports the failure later
+        lost = UdpConnection(conn.worker, conn.transport, ("255.255.255.255", 9), type(conn.protocol))
+        record("broadcast", lost.send(b"x"))
+    elif data == b"outgoing":
+        out = AsyncUdpConnection("udp://" + server.bound_listen.split("://")[1])
+        out.on_error = lambda c, code, message: record("outgoing error", code, message)
+        record("outgoing early", out.send(b"y" * 65508))
+        out.on_connect = lambda c: record("outgoing", c.send(b"y" * 65508), c.send(b"y" * 65507))
+        out.connect()
+    else:
+        record("reply", int(data), conn.send(b"x" * int(data)))
+
+server.on_message = on_message
+server.on_error = lambda conn, code, message: record("error", code, message)
+"""
+    ).start()
+    port = app.port()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client.sendto(b"65507", ("127.0.0.1", port))
+    assert len(client.recv(1 << 17)) == 65507
+    client.sendto(b"65508", ("127.0.0.1", port))
+    client.sendto(b"3", ("127.0.0.1", port))
+    assert client.recv(1 << 17) == b"xxx"  # nothing came for the one over the maximum
+    events = app.folder / "events.txt"
+
+    def lines() -> list[str]:
+        return events.read_text().splitlines()
+
+    assert "reply 65507 True" in lines() and "reply 65508 False" in lines()
+    assert "error 2 datagram of 65508 bytes dropped: over the UDP maximum of 65507" in lines()
+    wait_for(lambda: app.processes()[0]["send_fail"] == 1, what="the refused reply counted")
+    client.sendto(b"outgoing", ("127.0.0.1", port))
+    wait_for(lambda: any(line.startswith("outgoing True") or line.startswith("outgoing False") for line in lines()), what="the outgoing sends")
+    assert "outgoing early False" in lines() and "outgoing False True" in lines()  # refused before the socket is made too
+    assert lines().count("outgoing error 2 datagram of 65508 bytes dropped: over the UDP maximum of 65507") == 2
+    wait_for(lambda: app.processes()[0]["send_fail"] == 3, what="the outgoing ones counted")
+    client.sendto(b"broadcast", ("127.0.0.1", port))
+    wait_for(lambda: any(line.startswith("broadcast") for line in lines()), what="the broadcast")
+    wait_for(lambda: app.processes()[0]["send_fail"] == 4, what="the failed broadcast counted")

@@ -7,6 +7,12 @@ own: ``Worker("udp://0.0.0.0:9000", protocol="text")`` expects every datagram to
 whole lines. A datagram its protocol rejects is dropped and counted (``protocol_error``).
 ``total_request`` counts datagrams.
 
+A datagram carries at most 65507 bytes over IPv4 (65535 less the IP and UDP headers)
+and 65527 over IPv6: ``send()`` refuses a larger one at once (False, ``send_fail``,
+``on_error(conn, SEND_FAIL, ...)``) instead of leaving the socket to fail it later. A
+send the socket reports failed afterwards (``error_received``) counts in ``send_fail``
+too.
+
 :class:`AsyncUdpConnection` is the outgoing side: a socket connected to one server,
 ``send()`` to it, ``on_message`` for each datagram it answers with.
 """
@@ -14,6 +20,7 @@ whole lines. A datagram its protocol rejects is dropped and counted (``protocol_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -30,24 +37,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("longshore")
 
+#: The largest payload of one UDP datagram: 65535 less the IPv4 (20) and UDP (8) headers;
+#: over IPv6 only the UDP header counts in the 65535 (no jumbograms).
+MAX_DATAGRAM_IPV4 = 65507
+MAX_DATAGRAM_IPV6 = 65527
+
+
+def max_datagram(host: str) -> int:
+    """The largest payload one datagram to ``host`` (an IP address) can carry. An
+    IPv4-mapped IPv6 address (``::ffff:1.2.3.4``, a dual-stack socket) goes as IPv4."""
+    return MAX_DATAGRAM_IPV6 if ":" in host and "." not in host else MAX_DATAGRAM_IPV4
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"datagram of {size} bytes dropped: over the UDP maximum of {limit}"
+
 
 class UdpConnection(RemoteAddress):
     """The sender of one datagram, and a way to answer it."""
 
-    __slots__ = ("worker", "transport", "protocol", "max_package_size", "_remote", "__dict__")
+    __slots__ = ("worker", "transport", "protocol", "max_package_size", "_remote", "_handlers", "__dict__")
 
     id = 0
     default_max_package_size = 65535
 
-    def __init__(self, worker: Worker | None, transport: asyncio.DatagramTransport, remote: Any, protocol_class: type[Protocol]) -> None:
+    def __init__(self, worker: Worker | None, transport: asyncio.DatagramTransport, remote: Any, protocol_class: type[Protocol],
+                 handlers: Handlers | None = None) -> None:
         self.worker = worker
         self.transport = transport
         self._remote = remote
+        self._handlers = handlers
         self.max_package_size = self.default_max_package_size
         self.protocol = protocol_class(self)  # type: ignore[arg-type]
 
     def send(self, data: Any, raw: bool = False) -> bool:
-        """Send one datagram to the sender: True, or False (counted in send_fail)."""
+        """Send one datagram to the sender: True, or False (closed socket, a datagram over
+        the UDP maximum, or refused by the socket: counted in send_fail; the last two also
+        call ``on_error(conn, SEND_FAIL, ...)``)."""
         if not raw:
             data = self.protocol.encode(data)
         elif isinstance(data, str):
@@ -55,13 +81,27 @@ class UdpConnection(RemoteAddress):
         if self.transport.is_closing():
             _stats.send_fail += 1
             return False
+        limit = max_datagram(self._remote[0])
+        if len(data) > limit:
+            return self._failed(_too_large(len(data), limit))
         try:
             self.transport.sendto(data, self._remote)
         except OSError as exc:
-            _stats.send_fail += 1
-            log.info("udp send to %s failed: %s", self.remote_address, exc)
-            return False
+            return self._failed(f"udp send to {self.remote_address} failed: {exc}")
         return True
+
+    def _failed(self, message: str) -> bool:
+        _stats.send_fail += 1
+        log.info("udp send to %s: %s", self.remote_address, message)
+        handler = self._handlers.on_error if self._handlers is not None else None
+        if handler is not None:
+            try:
+                result = handler(self, SEND_FAIL, message)
+                if asyncio.iscoroutine(result):
+                    tasks.run_coroutine(result, "on_error (udp)")
+            except Exception:
+                report_exception("on_error (udp)")
+        return False
 
     def close(self, data: Any = None, raw: bool = False) -> None:
         """Send ``data`` if given (a UDP 'connection' has nothing else to close)."""
@@ -85,7 +125,7 @@ class UdpServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         _stats.total_request += 1
         assert self.transport is not None
-        connection = UdpConnection(self.worker, self.transport, addr, self.protocol_class)
+        connection = UdpConnection(self.worker, self.transport, addr, self.protocol_class, self.handlers)
         try:
             messages = connection.protocol.feed(data)
         except ProtocolError as exc:
@@ -108,6 +148,9 @@ class UdpServer(asyncio.DatagramProtocol):
                 report_exception("on_message (udp)")
 
     def error_received(self, exc: Exception) -> None:
+        # A datagram the socket failed to send after sendto() returned (the loop reports
+        # send errors here): nothing says to whom, but it is a failed send.
+        _stats.send_fail += 1
         log.info("udp socket error: %s", exc)
 
 
@@ -225,6 +268,11 @@ class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
             data = self.protocol.encode(data)
         elif isinstance(data, str):
             data = data.encode()
+        limit = self._max_datagram()
+        if len(data) > limit:
+            _stats.send_fail += 1
+            self._emit(self.on_error, "on_error", SEND_FAIL, _too_large(len(data), limit))
+            return False
         if self._state in ("new", "connecting"):
             if len(self._pending) >= self.max_pending:
                 _stats.send_fail += 1
@@ -236,7 +284,22 @@ class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
             return False
         return self._sendto(data)
 
+    def _max_datagram(self) -> int:
+        """The UDP maximum towards the server; before the socket is made and while its
+        address is a name, the larger one (the exact check comes when it is sent)."""
+        host = str(self._remote[0])
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return MAX_DATAGRAM_IPV6
+        return max_datagram(host)
+
     def _sendto(self, data: bytes) -> bool:
+        limit = self._max_datagram()
+        if len(data) > limit:  # queued before the socket was made, for a name that is IPv4
+            _stats.send_fail += 1
+            self._emit(self.on_error, "on_error", SEND_FAIL, _too_large(len(data), limit))
+            return False
         try:
             self.transport.sendto(data)  # type: ignore[union-attr]
         except OSError as exc:
@@ -271,4 +334,4 @@ class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
             report_exception(what)
 
 
-__all__ = ["AsyncUdpConnection", "SEND_FAIL", "UdpConnection", "UdpServer"]
+__all__ = ["AsyncUdpConnection", "MAX_DATAGRAM_IPV4", "MAX_DATAGRAM_IPV6", "SEND_FAIL", "UdpConnection", "UdpServer", "max_datagram"]
