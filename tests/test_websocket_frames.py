@@ -230,3 +230,44 @@ def test_the_worker_setting_of_max_header_size_applies():
     with pytest.raises(ProtocolError) as raised:
         protocol.feed(HANDSHAKE[:60] + b"X-Long: " + b"a" * 60)
     assert b" 431 " in raised.value.response
+
+
+def test_a_whole_handshake_over_max_header_size_in_one_chunk_is_refused():
+    protocol = WebSocketProtocol(Connection())
+    with pytest.raises(ProtocolError) as raised:
+        protocol.feed(HANDSHAKE[:-2] + b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    assert b" 431 " in raised.value.response
+
+
+def test_a_small_whole_frame_over_max_package_size_is_refused():
+    protocol, connection = opened()
+    connection.max_package_size = 50
+    assert protocol.feed(frame(2, b"y" * 50)) == [b"y" * 50]
+    with pytest.raises(PackageTooLarge):
+        protocol.feed(frame(2, b"y" * 51))
+
+
+def test_control_frames_between_fragments_do_not_count_toward_the_message_size():
+    protocol, connection = opened()  # max_package_size 1000
+    data = frame(2, b"a" * 990, fin=False) + frame(9, b"p" * 20) + frame(0, b"b" * 10)
+    assert protocol.feed(data) == [b"a" * 990 + b"b" * 10]
+    assert connection.sent == [b"\x8a\x14" + b"p" * 20]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        frame(9, b"", length=900)[:8],  # a ping longer than 125 bytes
+        frame(8, b"", fin=False, length=10)[:6],  # a fragmented close
+        frame(3, b"", length=900)[:8],  # an unknown opcode
+        frame(0xB, b"", length=10)[:6],  # an unknown control opcode
+        frame(1, b"", rsv=0x20, length=900)[:8],  # reserved bits
+        frame(0, b"", length=900)[:8],  # a continuation of nothing
+    ],
+    ids=["long ping", "fragmented close", "unknown opcode", "unknown control opcode", "reserved bits", "orphan continuation"],
+)
+def test_a_bad_frame_header_is_refused_before_its_payload_arrives(header):
+    protocol, _ = opened()
+    with pytest.raises(ProtocolError) as raised:
+        protocol.feed(header)
+    assert int.from_bytes(raised.value.response[2:4], "big") == 1002

@@ -289,6 +289,8 @@ def _take_head(buffer: bytearray, parser_class: Any, max_size: int) -> tuple[_He
         if len(buffer) > max_size:
             raise _BadHead(too_large=True)
         return None
+    if end + 4 > max_size:  # the whole head came at once, but too large all the same
+        raise _BadHead(too_large=True)
     head = bytes(buffer[: end + 4])
     del buffer[: end + 4]
     collected = _HeadParser()
@@ -497,7 +499,7 @@ class WebSocketProtocol(Protocol):
             if buffer is None and 6 < size < 132 and self._fragments is None and not self.client:
                 # The common case: one whole small masked data frame in the chunk.
                 first = data[0]
-                if (first == 0x81 or first == 0x82) and data[1] == 0x7A + size:  # mask bit | size - 6
+                if (first == 0x81 or first == 0x82) and data[1] == 0x7A + size and size - 6 <= self.connection.max_package_size:  # mask bit | size - 6
                     length = size - 6
                     payload = (int.from_bytes(data[6:], "little") ^ int.from_bytes((data[2:6] * 32)[:length], "little")).to_bytes(length, "little")
                     if first == 0x82:
@@ -545,8 +547,30 @@ class WebSocketProtocol(Protocol):
                 raise _Fail(CLOSE_PROTOCOL_ERROR, "client frames must be masked" if expect_mask else "server frames must not be masked")
             if expect_mask:
                 head += 4
-            if length + self._fragment_size > limit:
-                raise _Fail(CLOSE_TOO_BIG, f"message larger than max_package_size {limit}")
+            # The header is checked whole before the payload is waited for.
+            opcode = first & 0x0F
+            if opcode & 0x08:  # a control frame: not part of a message, not counted in its size
+                if opcode > OP_PONG:
+                    raise _Fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                if not first & 0x80 or length > 125:
+                    raise _Fail(CLOSE_PROTOCOL_ERROR, "control frames must be whole and at most 125 bytes")
+                if first & 0x70:
+                    raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+            else:
+                if opcode == OP_CONTINUATION:
+                    if self._fragments is None:
+                        raise _Fail(CLOSE_PROTOCOL_ERROR, "continuation frame with nothing to continue")
+                    if first & 0x70:
+                        raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+                elif opcode > OP_BINARY:
+                    raise _Fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                else:
+                    if self._fragments is not None:
+                        raise _Fail(CLOSE_PROTOCOL_ERROR, "a new message began before the last one ended")
+                    if first & 0x70 and ((first & 0x70) != 0x40 or not self._deflate_window):
+                        raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+                if length + self._fragment_size > limit:
+                    raise _Fail(CLOSE_TOO_BIG, f"message larger than max_package_size {limit}")
             end = position + head + length
             if end > size:
                 break
@@ -555,15 +579,8 @@ class WebSocketProtocol(Protocol):
             else:
                 payload = bytes(view[position + head : end])
             position = end
-            opcode = first & 0x0F
             if opcode == OP_TEXT or opcode == OP_BINARY:
-                if self._fragments is not None:
-                    raise _Fail(CLOSE_PROTOCOL_ERROR, "a new message began before the last one ended")
-                compressed = False
-                if first & 0x70:
-                    if (first & 0x70) != 0x40 or not self._deflate_window:
-                        raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-                    compressed = True
+                compressed = first & 0x40 != 0
                 if first & 0x80:
                     out.append(self._message(opcode, compressed, payload, limit))
                 else:
@@ -573,28 +590,17 @@ class WebSocketProtocol(Protocol):
                     self._fragment_size = length
             elif opcode == OP_CONTINUATION:
                 fragments = self._fragments
-                if fragments is None:
-                    raise _Fail(CLOSE_PROTOCOL_ERROR, "continuation frame with nothing to continue")
-                if first & 0x70:
-                    raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-                fragments.append(payload)
+                fragments.append(payload)  # type: ignore[union-attr]
                 self._fragment_size += length
                 if first & 0x80:
                     self._fragments = None
                     self._fragment_size = 0
-                    out.append(self._message(self._fragment_opcode, self._fragment_compressed, b"".join(fragments), limit))
-            elif opcode == OP_PING or opcode == OP_PONG or opcode == OP_CLOSE:
-                if not first & 0x80 or length > 125:
-                    raise _Fail(CLOSE_PROTOCOL_ERROR, "control frames must be whole and at most 125 bytes")
-                if first & 0x70:
-                    raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-                if opcode == OP_PING:
-                    self._send_control(OP_PONG, payload)
-                elif opcode == OP_CLOSE:
-                    self._received_close(payload)
-                    return
-            else:
-                raise _Fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                    out.append(self._message(self._fragment_opcode, self._fragment_compressed, b"".join(fragments), limit))  # type: ignore[arg-type]
+            elif opcode == OP_PING:
+                self._send_control(OP_PONG, payload)
+            elif opcode == OP_CLOSE:
+                self._received_close(payload)
+                return
         buffer = self._buffer
         if position < size:
             if view is buffer:
