@@ -102,3 +102,34 @@ w.on_message = lambda conn, line: conn.send(str(os.getuid()) + " " + line)
     client.close()
     app.cli("stop")
     assert not path.exists()
+
+
+def test_a_unix_socket_in_use_is_not_taken_over_and_a_stale_one_is_replaced(app_factory, tmp_path):
+    path = tmp_path / "shared.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody accepts on it: what a crash leaves
+    body = f"""
+w = Worker("unix://{path}", name="{{name}}", protocol="text")
+w.on_message = lambda conn, line: conn.send("{{name}} " + line)
+"""
+    first = app_factory(body.format(name="first")).start()
+
+    def ask() -> list[str]:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(5)
+        client.connect(str(path))
+        client.sendall(b"hi\n")
+        try:
+            return read_lines(client, 1)
+        finally:
+            client.close()
+
+    assert ask() == ["first hi"]
+    second = app_factory(body.format(name="second"))
+    result = second.cli("start", "-d", check=False)
+    assert result.returncode == 1
+    assert f"cannot listen on unix://{path}: address in use" in result.stderr
+    assert path.exists() and ask() == ["first hi"]
+    first.cli("stop")
+    assert not path.exists()

@@ -3,10 +3,15 @@
 ``scheme://host:port`` binds TCP (``[::1]`` style for IPv6); ``unix:///path`` binds a
 Unix socket (raw bytes unless the Worker names a protocol); ``udp://host:port`` binds
 UDP. The scheme names the protocol (see :mod:`longshore.protocols`).
+
+A Unix socket file that already exists is removed before binding only when it is stale
+(left by a crash: connecting to it is refused); one that a running server still accepts
+on is left alone, and binding fails with "address in use".
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -59,18 +64,37 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _unix_socket_in_use(path: str) -> bool:
+    """True unless connecting to the socket file ``path`` is refused (nobody accepts on
+    it: stale) or it has gone. A server too busy to accept (a full backlog, a timeout)
+    or a socket we may not connect to counts as in use: it is never removed."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
+
+
 def bind_socket(address: ListenAddress, *, reuse_port: bool = False, backlog: int = 1024, listen: bool = True,
                 unix_mode: int = 0o666) -> socket.socket:
     """Create, bind and (for streams) listen on a non-blocking socket for ``address``."""
     if address.transport == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             mode = os.stat(address.path).st_mode
         except FileNotFoundError:
             pass
         else:
             if stat.S_ISSOCK(mode):
+                if _unix_socket_in_use(address.path):
+                    raise OSError(errno.EADDRINUSE, f"address in use: a server accepts on {address.path}")
                 os.unlink(address.path)  # a stale socket left by a crash
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(address.path)
             os.chmod(address.path, unix_mode)
