@@ -53,6 +53,13 @@ def on_message(conn, message):
         conn.close(code=4001, reason="as you wish")
     elif message == "kind":
         conn.send(type(message).__name__ + ":" + str(conn.websocket.compressed))
+    elif message == "close-long":
+        conn.close(code=4002, reason="é" * 100)
+    elif isinstance(message, str) and message.startswith("close-code "):
+        try:
+            conn.close(code=int(message[11:]))
+        except ValueError:
+            conn.send("refused, open: %s" % conn.websocket.open)
     else:
         conn.send(message)
 
@@ -130,6 +137,25 @@ def test_echo_with_the_websockets_client(app_factory):
     assert results["requests"][0] == {"path": "/room", "query": "blue", "agent": "t", "cookie": "abc"}
     assert [4000, "bye"] in results["closes"]
     assert not results.get("errors")
+
+
+def test_close_codes_and_reasons_given_by_the_application(app_factory):
+    app = app_factory(ECHO).start()
+    port = app.port()
+
+    async def scenario():
+        async with ws_connect(f"ws://127.0.0.1:{port}/", compression=None) as ws:
+            assert await ws.recv() == "welcome -"
+            for code in (1005, 1006, 1015, 1004, 999, 2000, 5000):  # codes that may not be sent
+                await ws.send(f"close-code {code}")
+                assert await ws.recv() == "refused, open: True", code
+            await ws.send("close-long")
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            # Cut to the 123 bytes that fit, on a character boundary: 61 two-byte characters.
+            assert closed.value.rcvd.code == 4002 and closed.value.rcvd.reason == "é" * 61
+
+    run(scenario())
 
 
 def test_handshake_refusals(app_factory):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from longshore.connection.tcp import ESTABLISHED
 from longshore.errors import PackageTooLarge, ProtocolError
-from longshore.protocols.websocket import WebSocketProtocol, accept_key, apply_mask, negotiate_deflate, parse_extensions
+from longshore.protocols.websocket import WebSocketProtocol, accept_key, apply_mask, close_payload, negotiate_deflate, parse_extensions
 from wsutil import frame
 
 
@@ -271,3 +271,21 @@ def test_a_bad_frame_header_is_refused_before_its_payload_arrives(header):
     with pytest.raises(ProtocolError) as raised:
         protocol.feed(header)
     assert int.from_bytes(raised.value.response[2:4], "big") == 1002
+
+
+def test_a_long_close_reason_is_cut_on_a_character_boundary():
+    assert close_payload(4000, "é" * 100) == (4000).to_bytes(2, "big") + "é".encode() * 61
+    assert close_payload(1000, "x" * 200) == (1000).to_bytes(2, "big") + b"x" * 123
+    assert close_payload(1005, "ignored") == b""
+
+
+def test_a_close_code_that_may_not_be_sent_is_refused_before_anything_changes():
+    protocol, connection = opened()
+    connection._state = ESTABLISHED
+    written = len(connection.transport.written)
+    for code in (1005, 1006, 1015, 1004, 999, 1016, 2999, 5000):
+        with pytest.raises(ValueError):
+            protocol.close(code)
+    assert protocol.open and len(connection.transport.written) == written
+    protocol.close(4999, "last")
+    assert not protocol.open and connection.transport.written[-1] == b"\x88\x06" + (4999).to_bytes(2, "big") + b"last"

@@ -132,10 +132,24 @@ def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = 
 
 
 def close_payload(code: int | None, reason: str = "") -> bytes:
-    """The payload of a close frame (empty when ``code`` is None or 1005)."""
+    """The payload of a close frame (empty when ``code`` is None or 1005).
+
+    The reason is cut to the 123 bytes a control frame has room for, on a character
+    boundary (the peer refuses a reason that is not UTF-8).
+    """
     if code is None or code == CLOSE_NO_STATUS:
         return b""
-    return code.to_bytes(2, "big") + reason.encode()[:123]
+    encoded = reason.encode()
+    if len(encoded) > 123:
+        encoded = encoded[:123].decode(errors="ignore").encode()
+    return code.to_bytes(2, "big") + encoded
+
+
+def check_close_code(code: int) -> None:
+    """Raise ValueError unless ``code`` may be sent in a close frame: 1000-1003, 1007-1014
+    or 3000-4999 (1005, 1006 and 1015 only ever describe a close, and the rest is reserved)."""
+    if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+        raise ValueError(f"close code {code} may not be sent (1000-1003, 1007-1014 or 3000-4999)")
 
 
 def accept_key(key: str | bytes) -> str:
@@ -720,7 +734,10 @@ class WebSocketProtocol(Protocol):
         return self._send_control(OP_PING, bytes(data[:125]))
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Write a close frame (unless one was sent); ``conn.close()`` then closes the socket."""
+        """Write a close frame (unless one was sent); ``conn.close()`` then closes the socket.
+
+        Raises ValueError for a code that may not be sent (see :func:`check_close_code`)."""
+        check_close_code(code)
         if not self._close_sent and self._state == _OPEN:
             self._close_sent = True
             self._state = _CLOSED
@@ -967,7 +984,11 @@ class WebSocketMethods:
         return self._protocol.ping(data)  # type: ignore[attr-defined,no-any-return]
 
     def close(self, data: Any = None, raw: bool = False, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Send ``data`` (if given), then a close frame with ``code`` and ``reason``, then close."""
+        """Send ``data`` (if given), then a close frame with ``code`` and ``reason``, then close.
+
+        Raises ValueError, before anything is sent, for a code that may not be sent (see
+        :func:`check_close_code`)."""
+        check_close_code(code)
         if data is not None and self._state is ESTABLISHED:
             self.send(data, raw)  # type: ignore[attr-defined]
         protocol = self._protocol
@@ -1228,6 +1249,7 @@ __all__ = [
     "WebSocketProtocol",
     "accept_key",
     "apply_mask",
+    "check_close_code",
     "close_payload",
     "encode_frame",
     "negotiate_deflate",
