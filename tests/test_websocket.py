@@ -185,12 +185,18 @@ def test_handshake_refusals(app_factory):
         (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n", b"400"),
         (b"POST / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", b"405"),
         (b"\x16\x03\x01 not http at all\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", b"400"),  # no Host
+        (b"GET / HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", b"400"),
     ]:
         sock = connect(port)
         sock.sendall(request)
         answer = sock.recv(4096)
         assert answer.split(b" ")[1] == status, (request, answer)
         assert is_closed(sock)
+        if status == b"426":  # one Connection header, with both options
+            lines = answer.split(b"\r\n\r\n")[0].split(b"\r\n")
+            assert [line for line in lines if line.lower().startswith(b"connection:")] == [b"Connection: Upgrade, close"], answer
+            assert b"Upgrade: websocket" in lines, answer
 
 
 def test_bad_frames_close_with_the_right_code(app_factory):

@@ -250,11 +250,14 @@ class _Fail(Exception):
         self.code = code
 
 
-def _error_response(status: int, extra: bytes = b"") -> bytes:
+def _error_response(status: int, extra: bytes = b"", connection: bytes = b"close") -> bytes:
+    """An HTTP refusal of a handshake (the connection closes after it)."""
     body = STATUS_LINES.get(status, status_line(status))[9:].strip() + b"\n"
     return (
         status_line(status)
-        + b"Server: longshore\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+        + b"Server: longshore\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: "
+        + connection
+        + b"\r\n"
         + extra
         + b"Content-Length: %d\r\n\r\n" % len(body)
         + body
@@ -835,10 +838,17 @@ class WebSocketProtocol(Protocol):
         headers = request.raw_headers
         if request.method != "GET":
             raise ProtocolError("handshake is not a GET", response=_error_response(405, b"Allow: GET\r\n"))
+        if request.version in ("1.0", "0.9"):
+            raise ProtocolError(f"handshake over HTTP/{request.version}", response=_error_response(400))
+        if not (_header(headers, b"host") or "").strip():
+            raise ProtocolError("handshake without a Host header", response=_error_response(400))
+        # A 426 names what to upgrade to, and the "upgrade" option goes with Connection's "close".
         if "websocket" not in _tokens(_header(headers, b"upgrade")) or "upgrade" not in _tokens(_header(headers, b"connection")):
-            raise ProtocolError("not a WebSocket handshake", response=_error_response(426, b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+            raise ProtocolError("not a WebSocket handshake", response=_error_response(426, b"Upgrade: websocket\r\n", b"Upgrade, close"))
         if (_header(headers, b"sec-websocket-version") or "").strip() != "13":
-            raise ProtocolError("unsupported WebSocket version", response=_error_response(426, b"Sec-WebSocket-Version: 13\r\n"))
+            raise ProtocolError(
+                "unsupported WebSocket version", response=_error_response(426, b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n", b"Upgrade, close")
+            )
         key = (_header(headers, b"sec-websocket-key") or "").strip()
         try:
             valid_key = len(base64.b64decode(key, validate=True)) == 16
