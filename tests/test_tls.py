@@ -238,3 +238,39 @@ w.on_connect = on_connect
     assert "eof_received" not in app.log() and "Traceback" not in app.log()
     upstream.close()
     target.close()
+
+
+def test_data_sent_with_the_clients_finished_reaches_the_connection_on_the_stdlib_loop(app_factory, certificates):
+    app = app_factory(
+        f"""
+import longshore.loop
+longshore.loop._uvloop = None  # the stdlib loop, whose TLS layer hands data over with the handshake's end
+w = Worker("text://127.0.0.1:0", name="tls", ssl={{"certfile": {certificates["cert"]!r}, "keyfile": {certificates["key"]!r}}})
+w.on_connect = lambda conn: conn.send("hello " + type(asyncio.get_running_loop()).__module__)
+w.on_message = lambda conn, line: conn.send("echo " + line)
+"""
+    ).start()
+    port = app.port()
+    # A client that writes its first lines in the same packet as its Finished message.
+    client = certificates["client"].wrap_bio(incoming := ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    finished = outgoing.read()
+    client.write(b"one\ntwo\n")
+    sock.sendall(finished + outgoing.read())
+    received = b""
+    while received.count(b"\n") < 3:
+        try:
+            received += client.read(65536)
+        except ssl.SSLWantReadError:
+            data = sock.recv(65536)
+            assert data, received
+            incoming.write(data)
+    assert received == b"hello asyncio.unix_events\necho one\necho two\n"
+    sock.close()

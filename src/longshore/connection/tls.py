@@ -123,9 +123,14 @@ class TlsAcceptor(asyncio.Protocol):
     kept here and handed to the TLS layer right after it takes the socket over, ahead of
     anything read later. A client that closes before sending anything was only checking
     that the port answers.
+
+    Application data that comes in the read that finishes the handshake (a client may
+    send its first request together with its Finished message) is decrypted by the TLS
+    layer before the connection takes over: it is kept here and given to the connection
+    right after its ``connection_made``.
     """
 
-    __slots__ = ("context", "make_connection", "handshake_timeout", "transport", "early", "lost", "spoke")
+    __slots__ = ("context", "make_connection", "handshake_timeout", "transport", "early", "late", "lost", "spoke")
 
     def __init__(self, context: _ssl.SSLContext, make_connection: Callable[[], TcpConnection], handshake_timeout: float) -> None:
         self.context = context
@@ -133,6 +138,8 @@ class TlsAcceptor(asyncio.Protocol):
         self.handshake_timeout = handshake_timeout
         self.transport: asyncio.BaseTransport | None = None
         self.early: bytearray | None = bytearray()
+        #: Decrypted application data read before the connection took over.
+        self.late: bytearray | None = None
         self.lost = False
         #: Resolved True by the client's first bytes, False by its EOF or a lost socket.
         self.spoke: asyncio.Future[bool] | None = None
@@ -147,10 +154,15 @@ class TlsAcceptor(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         early = self.early
-        if early is not None:  # before the TLS layer took over (never after the handshake)
+        if early is not None:  # before the TLS layer took over
             early += data
             self.transport.pause_reading()  # type: ignore[union-attr]
             self._first_sign(True)
+            return
+        # From the TLS layer: application data, read with the end of the handshake.
+        if self.late is None:
+            self.late = bytearray()
+        self.late += data
 
     def eof_received(self) -> bool | None:
         self._first_sign(False)
@@ -215,18 +227,22 @@ class TlsAcceptor(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]
             raise
         except Exception as exc:  # SSLError, timeout, reset: the client's fault, not ours
+            self.late = None
             _stats.tls_error += 1
             transport.abort()  # type: ignore[attr-defined]
             log.info("TLS handshake with %s failed: %s", _format_peer(peer), _describe(exc))
             return
         if tls_transport is None or tls_transport.is_closing():
+            self.late = None
             _stats.tls_error += 1
             log.info("TLS handshake with %s failed: the connection closed", _format_peer(peer))
             return
-        # Still in the step that saw the handshake end: no application data was read yet.
         connection = self.make_connection()
         tls_transport.set_protocol(connection)
         connection.connection_made(tls_transport)
+        late, self.late = self.late, None
+        if late:  # what came with the client's Finished, ahead of anything read from now on
+            connection.data_received(bytes(late))
 
 
 def abort_handshakes() -> None:
