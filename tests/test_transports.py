@@ -63,7 +63,9 @@ def test_dual_stack_listener_takes_ipv4_and_ipv6_clients(app_factory):
     app = app_factory(
         """
 w = Worker("text://[::]:0", name="both")
-w.on_message = lambda conn, line: conn.send(conn.remote_address + " " + line)
+w.on_message = lambda conn, line: conn.send(conn.remote_address + " " + conn.local_address + " " + line)
+udp = Worker("udp://[::]:0", name="both-udp")
+udp.on_message = lambda conn, data: conn.send(conn.remote_ip + " " + conn.remote_address + " " + data.decode())
 """
     ).start()
     listen = app.status()["workers"][0]["listen"]
@@ -73,10 +75,16 @@ w.on_message = lambda conn, line: conn.send(conn.remote_address + " " + line)
     six = socket.create_connection(("::1", port), timeout=5)
     four.sendall(b"over ipv4\n")
     six.sendall(b"over ipv6\n")
-    assert read_lines(four, 1) == [f"127.0.0.1:{four.getsockname()[1]} over ipv4"]
-    assert read_lines(six, 1) == [f"[::1]:{six.getsockname()[1]} over ipv6"]
+    assert read_lines(four, 1) == [f"127.0.0.1:{four.getsockname()[1]} 127.0.0.1:{port} over ipv4"]
+    assert read_lines(six, 1) == [f"[::1]:{six.getsockname()[1]} [::1]:{port} over ipv6"]
     rows = json.loads(app.cli("connections", "--json").stdout)["connections"]
     assert sorted(row["remote"] for row in rows) == sorted([f"127.0.0.1:{four.getsockname()[1]}", f"[::1]:{six.getsockname()[1]}"])
+    assert sorted(row["local"] for row in rows) == sorted([f"127.0.0.1:{port}", f"[::1]:{port}"])
+    udp_port = app.port(1)
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    datagram.settimeout(5)
+    datagram.sendto(b"over udp", ("127.0.0.1", udp_port))
+    assert datagram.recv(100).decode() == f"127.0.0.1 127.0.0.1:{datagram.getsockname()[1]} over udp"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run workers as another user")
