@@ -606,3 +606,48 @@ def test_a_stop_cancels_an_async_on_websocket_connect_still_deciding(app_factory
     log = app.log()
     assert log.count("exception in on_websocket_connect") == 1 and "did not end" not in log
     assert "Task was destroyed" not in log
+
+
+def test_our_client_gives_up_on_a_server_that_never_answers_the_handshake(app_factory):
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(listener.accept()) for _ in range(2)], daemon=True).start()
+    try:
+        app = app_factory(
+            RECORDER
+            + f"""
+w = Worker(None, name="client")
+results.update(events=[])
+
+def on_close(conn):
+    results["events"].append("close")
+    save()
+    if results["events"].count("close") < 2:
+        conn.reconnect(0.1)
+
+def start(worker):
+    conn = AsyncTcpConnection("ws://127.0.0.1:{listener.getsockname()[1]}/silent")
+    conn.websocket_handshake_timeout = 0.5
+    conn.on_connect = lambda c: (results["events"].append("connect"), save())
+    conn.on_error = lambda c, code, message: (results["events"].append([code, message]), save())
+    conn.on_close = on_close
+    conn.connect()
+    save()
+
+w.on_worker_start = start
+"""
+        )
+        started = time.monotonic()
+        app.start()
+        events = wait_for(lambda: (r := app.read_json("results.json")) and r["events"].count("close") == 2 and r["events"], what="two attempts")
+        assert time.monotonic() - started < 8
+        assert [event if event == "close" else event[0] for event in events] == [1, "close", 1, "close"]  # CONNECT_FAIL
+        assert "no answer to the handshake within 0.5 s" in events[0][1]
+        assert len(accepted) == 2  # the reconnect reached the server again
+        assert app.processes("client")[0]["connect_fail"] == 2
+    finally:
+        listener.close()
+        for sock, _ in accepted:
+            sock.close()

@@ -774,7 +774,7 @@ class WebSocketProtocol(Protocol):
                 if now - self._idle_since >= self._setting("handshake_timeout"):
                     _watched.pop(self, None)
                     self._state = _CLOSED
-                    connection._protocol_error(ProtocolError("handshake not completed in time", response=_error_response(408)))
+                    self._handshake_expired()
                 return
             _watched.pop(self, None)
             return
@@ -788,6 +788,10 @@ class WebSocketProtocol(Protocol):
             connection.close(code=CLOSE_GOING_AWAY, reason="idle timeout")
         elif self.ping_interval and idle >= self.ping_interval and now - self._last_ping >= self.ping_interval:
             self.ping()
+
+    def _handshake_expired(self) -> None:
+        """``handshake_timeout`` passed without a complete handshake: answer 408 and close."""
+        self.connection._protocol_error(ProtocolError("handshake not completed in time", response=_error_response(408)))
 
     def _start_heartbeat(self) -> None:
         self.ping_interval = self._setting("ping_interval")
@@ -1143,8 +1147,10 @@ class WebSocketClientProtocol(WebSocketProtocol):
     Sends masked frames, offers permessage-deflate (``compression``) and the
     ``subprotocols`` class attribute (or ``conn.websocket_subprotocols``), and calls the
     connection's ``on_connect`` once the server has accepted the handshake. A refused or
-    broken handshake calls ``on_error(conn, CONNECT_FAIL, message)``. Extra request headers
-    go in ``conn.websocket_headers`` (a dict).
+    broken handshake, or one the server has not answered within ``handshake_timeout``
+    seconds (``conn.websocket_handshake_timeout``), calls ``on_error(conn, CONNECT_FAIL,
+    message)`` and then ``on_close``. Extra request headers go in ``conn.websocket_headers``
+    (a dict).
     """
 
     scheme = "ws"
@@ -1171,7 +1177,11 @@ class WebSocketClientProtocol(WebSocketProtocol):
         request = self.handshake_request()
         connection.transport.write(request)
         connection.bytes_written += len(request)
+        _watch_handshake(self)  # the answer is awaited for handshake_timeout seconds
         return False
+
+    def _handshake_expired(self) -> None:
+        self._refused(f"no answer to the handshake within {self._setting('handshake_timeout')} s")
 
     def handshake_request(self) -> bytes:
         """The opening handshake for this connection's URL."""
