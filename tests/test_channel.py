@@ -697,3 +697,51 @@ def test_embedded_control_frames_survive_a_full_link(app_factory):
         b.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_count_that_drops_to_zero_while_unwritable_is_deleted(app_factory, tmp_path):
+    """A uid that leaves while Redis is down (Redis then comes back from its dump, with
+    the old count), or whose HDEL batch fails, is not counted by the other processes."""
+    import redis as redis_client
+
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    app = app_factory(CHAT)
+    app.env["CHANNEL"] = f"redis://127.0.0.1:{redis_port}/0"
+    app.env["COUNT"] = "2"
+    port = app.start().port()
+    admin = redis_client.Redis(port=redis_port)
+    try:
+
+        async def main() -> None:
+            nonlocal redis
+            a, b = await spread(port, 2)
+            a2 = next(client for client in await spread(port, 2) if client.pid == a.pid)
+            # 1. alice leaves during an outage; Redis restarts from its dump
+            assert await a.ask("uid alice") == "ok"
+            await wait_for_answer(b, "online alice", "online alice True")
+            with socket.create_connection(("127.0.0.1", redis_port)) as shutdown:
+                shutdown.sendall(b"SHUTDOWN SAVE\r\n")
+                redis.wait(10)
+            a.close()
+            await asyncio.sleep(0.3)
+            redis = _start_redis(redis_port, tmp_path)
+            assert admin.hgetall("longshore:count:u:alice")  # the old count, from the dump
+            await wait_for_answer(b, "online alice", "online alice False", timeout=5)
+            # 2. carol leaves, and the batch that deletes her count fails
+            assert await a2.ask("uid carol") == "ok"
+            await wait_for_answer(b, "online carol", "online carol True")
+            admin.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+            a2.close()
+            await asyncio.sleep(0.3)  # the HDEL waits in Redis: its connection is killed
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await wait_for_answer(b, "online carol", "online carol False", timeout=5)
+            assert not admin.hgetall("longshore:count:u:carol")
+            b.close()
+
+        asyncio.run(main())
+    finally:
+        app.cli("stop", check=False)
+        redis.kill()
+        redis.wait()

@@ -11,6 +11,14 @@ Counts: each process writes how many connections it holds for a key into the has
 live processes only, so a process that died without cleaning up stops counting within
 ``ALIVE_SECONDS``.
 
+A count is written as it is when the writer sends it, not as it was when it changed:
+``set_count`` marks the key dirty, and the writer's next batch writes its current value
+(``HSET``, or ``HDEL`` once it is zero). A batch that fails marks its keys dirty again
+(tried again shortly); a reconnection rewrites every key this process ever wrote, so a
+count that dropped to zero during an outage is deleted too (Redis may have kept the
+old value, or loaded it from disk). Count writes go out one pipeline at a time, so an
+older value can never land after a newer one.
+
 Outages: when the subscribed connection fails, the process marks itself disconnected
 and tries again with a growing delay (50 ms up to 1 s). Once back, it subscribes again
 and rewrites its counts and alive key (Redis may have restarted empty). While
@@ -52,6 +60,11 @@ class RedisBackend:
         self.stopping = False
         self.topics: set[str] = set()
         self.counts: dict[str, int] = {}
+        #: Keys whose field this process may have written and not deleted since.
+        self.written: set[str] = set()
+        #: Keys whose current count is still to be written.
+        self.dirty: set[str] = set()
+        self.count_lock: asyncio.Lock | None = None
         self.outbox: deque[tuple[Any, ...]] = deque()
         self.wake: asyncio.Event | None = None
         self.ready: asyncio.Event | None = None
@@ -77,6 +90,7 @@ class RedisBackend:
         """Start the reader and writer tasks; wait (up to 2 s) for the first connection."""
         self.wake = asyncio.Event()
         self.ready = asyncio.Event()
+        self.count_lock = asyncio.Lock()
         self.client = self._new_client()
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._read_loop()), loop.create_task(self._write_loop()), loop.create_task(self._keep_alive())]
@@ -89,13 +103,13 @@ class RedisBackend:
         """Flush what waits, remove this process's counts, close the connections."""
         self.stopping = True
         if self.connected:
-            for key in list(self.counts):
-                self.outbox.append(("hdel", f"{self.prefix}:count:{key}", self.address))
+            self.counts.clear()
+            self.dirty |= self.written
             self.outbox.append(("delete", f"{self.prefix}:alive:{self.address}"))
             if self.wake is not None:
                 self.wake.set()
             for _ in range(100):
-                if not self.outbox:
+                if not self.outbox and not self.dirty:
                     break
                 await asyncio.sleep(0.01)
         for task in self.tasks:
@@ -119,8 +133,9 @@ class RedisBackend:
                 await self._resync()
                 self.connected = True
                 delay = RETRY_MIN
-                assert self.ready is not None
+                assert self.ready is not None and self.wake is not None
                 self.ready.set()
+                self.wake.set()  # counts that changed during the resync
                 log.info("channel: connected to Redis %s", self.url)
                 self.on_connected()
                 while True:
@@ -147,12 +162,35 @@ class RedisBackend:
             delay = min(delay * 2, RETRY_MAX)
 
     async def _resync(self) -> None:
-        """Rewrite this process's counts and alive key (Redis may have restarted empty)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(f"{self.prefix}:alive:{self.address}", 1, ex=ALIVE_SECONDS)
-        for key, count in self.counts.items():
-            pipe.hset(f"{self.prefix}:count:{key}", self.address, count)
-        await pipe.execute()
+        """Rewrite this process's counts and alive key (Redis may have restarted empty,
+        or with values that changed during the outage)."""
+        assert self.count_lock is not None
+        async with self.count_lock:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(f"{self.prefix}:alive:{self.address}", 1, ex=ALIVE_SECONDS)
+            keys = self.written | self.dirty
+            self.dirty.clear()
+            self._write_counts(pipe, keys)
+            await self._execute_counts(pipe, keys)
+
+    def _write_counts(self, pipe: Any, keys: set[str]) -> None:
+        """Add the current value of each key's count to ``pipe``."""
+        for key in keys:
+            count = self.counts.get(key, 0)
+            if count:
+                pipe.hset(f"{self.prefix}:count:{key}", self.address, count)
+            else:
+                pipe.hdel(f"{self.prefix}:count:{key}", self.address)
+
+    async def _execute_counts(self, pipe: Any, keys: set[str]) -> list[Any]:
+        """Run ``pipe``, which writes ``keys``; if it fails, they are dirty again."""
+        try:
+            result = await pipe.execute()
+        except BaseException:
+            self.dirty |= keys
+            raise
+        self.written -= {key for key in keys if key not in self.counts}
+        return list(result)
 
     def subscribe(self, topic: str) -> None:
         if topic in self.topics:
@@ -193,40 +231,56 @@ class RedisBackend:
     def set_count(self, key: str, count: int) -> None:
         if count:
             self.counts[key] = count
+            self.written.add(key)
         else:
             self.counts.pop(key, None)
-        if not self.connected:
-            return  # written on reconnection
-        if count:
-            self.outbox.append(("hset", f"{self.prefix}:count:{key}", self.address, count))
-        else:
-            self.outbox.append(("hdel", f"{self.prefix}:count:{key}", self.address))
-        assert self.wake is not None
-        self.wake.set()
+        self.dirty.add(key)
+        if self.connected:  # else written on reconnection
+            assert self.wake is not None
+            self.wake.set()
 
     async def _write_loop(self) -> None:
-        assert self.wake is not None
+        assert self.wake is not None and self.count_lock is not None
         outbox = self.outbox
         while True:
             await self.wake.wait()
             self.wake.clear()
-            while outbox:
-                if self.subscribing:
-                    # A count announces members only once their topic is subscribed: whoever
-                    # sees the count may send to them at once.
-                    await asyncio.gather(*list(self.subscribing), return_exceptions=True)
-                batch = [outbox.popleft() for _ in range(min(BATCH, len(outbox)))]
-                pipe = self.client.pipeline(transaction=False)
-                for command in batch:
-                    getattr(pipe, command[0])(*command[1:])
-                try:
-                    await pipe.execute()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    lost = sum(1 for command in batch if command[0] == "publish")
-                    process_stats.channel_dropped += lost
-                    log.warning("channel: %d message(s) to Redis lost (%s)", lost, exc)
+            while outbox or (self.dirty and self.connected):
+                async with self.count_lock:
+                    if self.subscribing:
+                        # A count announces members only once their topic is subscribed:
+                        # whoever sees the count may send to them at once.
+                        await asyncio.gather(*list(self.subscribing), return_exceptions=True)
+                    failed = await self._write_batch()
+                if failed:
+                    # Counts are tried again shortly (or by the resync of a reconnection).
+                    asyncio.get_running_loop().call_later(RETRY_MIN, self.wake.set)
+                    break
+
+    async def _write_batch(self) -> bool:
+        """Send one batch: queued commands and the dirty counts. True if it failed."""
+        outbox = self.outbox
+        batch = [outbox.popleft() for _ in range(min(BATCH, len(outbox)))]
+        keys: set[str] = set()
+        if self.connected:
+            keys, self.dirty = self.dirty, set()
+        pipe = self.client.pipeline(transaction=False)
+        for command in batch:
+            getattr(pipe, command[0])(*command[1:])
+        self._write_counts(pipe, keys)
+        try:
+            await self._execute_counts(pipe, keys)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            lost = sum(1 for command in batch if command[0] == "publish")
+            process_stats.channel_dropped += lost
+            if lost:
+                log.warning("channel: %d message(s) to Redis lost (%s)", lost, exc)
+            if keys:
+                log.warning("channel: %d count(s) not written to Redis (%s); trying again", len(keys), exc)
+            return bool(keys)
+        return False
 
     async def _keep_alive(self) -> None:
         while True:
