@@ -145,7 +145,7 @@ class AsyncTcpConnection(TcpConnection):
         self._write_failed = False
         self._unsent_hint = 0
         self._cork, self._cork_size, self._cork_base = None, 0, 0
-        self._was_full, self._buffer_full = self._buffer_full, False
+        self._was_full, self._buffer_full = self._was_full or self._buffer_full, False
         self._recv_paused = False
         self._held = self._held_messages = None
         if self._unsent_check is not None:
@@ -187,6 +187,7 @@ class AsyncTcpConnection(TcpConnection):
         if self._state is CLOSED:  # closed by the application while connecting
             return
         self._state = CLOSED
+        self._dialing = False
         self.reconnect_attempts += 1
         _stats.connect_fail += 1
         self._emit_error(CONNECT_FAIL, f"connect to {self.remote_url} failed: {reason}")
