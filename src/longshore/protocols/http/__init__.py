@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .protocol import HttpProtocol
 from .request import Headers, MultiDict, Request
-from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, format_cookie
+from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, format_cookie, safe_join
 from .session import FileSessionStore, RedisSessionStore, Session, SessionStore, configure_sessions
 from .uploads import UploadedFile
 
@@ -29,4 +29,5 @@ __all__ = [
     "UploadedFile",
     "configure_sessions",
     "format_cookie",
+    "safe_join",
 ]

@@ -621,9 +621,9 @@ class HttpProtocol(Protocol):
 
     # -- files -----------------------------------------------------------------------------
     def _start_file(self, response: FileResponse, request: Request | None, keep_alive: bool, head_only: bool, extra: list[bytes]) -> bytes:
-        try:
-            file = open(response.path, "rb")
-        except OSError:
+        path = response.resolved_path()
+        file = _open_file(path) if path is not None else None
+        if file is None:
             return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request)
         try:
             info = os.fstat(file.fileno())
@@ -756,6 +756,14 @@ class HttpProtocol(Protocol):
         self._turn_waits = False
         self._continue_for = None
         self._deferred_error = None
+
+
+def _open_file(path: str) -> Any:
+    """``path`` opened for reading, or None (missing, unreadable, a NUL in its name)."""
+    try:
+        return open(path, "rb")
+    except (OSError, ValueError):
+        return None
 
 
 # -- conditional requests (RFC 9110, section 13) ---------------------------------------------

@@ -100,6 +100,23 @@ class Headers(MultiDict):
         return iter(self._index)
 
 
+def remove_dot_segments(path: str) -> str:
+    """``path`` (starting with ``/``) without its ``.`` and ``..`` segments, as RFC 3986
+    (section 5.2.4) resolves them: ``/a/./b/../c`` is ``/a/c``; a ``..`` at the top stays
+    at ``/``. A path ending in a dot segment keeps its final ``/`` (``/a/b/..`` is ``/a/``)."""
+    segments = path.split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments[-1] == "." or segments[-1] == "..":
+        kept.append("")
+    return "/" + "/".join(kept)
+
+
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
 
 
@@ -161,13 +178,18 @@ class Request:
 
     @property
     def path(self) -> str:
-        """The path, percent-decoded (``/a b``)."""
+        """The path, percent-decoded (``/a b``), its dot segments removed (``/a/../b`` is
+        ``/b``; encoded ones such as ``/%2e%2e/`` or ``..%2f`` too): it never climbs above
+        ``/``. :attr:`target` keeps the path as sent."""
         path = self._path
         if path is None:
             raw = self._target.partition(b"?")[0]
             if raw.startswith(b"http://") or raw.startswith(b"https://"):  # absolute form
                 raw = b"/" + raw.split(b"/", 3)[3] if raw.count(b"/") >= 3 else b"/"
-            path = self._path = unquote(raw.decode("latin-1")) if b"%" in raw else raw.decode("latin-1")
+            path = unquote(raw.decode("latin-1")) if b"%" in raw else raw.decode("latin-1")
+            if "/." in path and path[:1] == "/":
+                path = remove_dot_segments(path)
+            self._path = path
         return path
 
     @property

@@ -160,11 +160,34 @@ class Response:
         return f"<{type(self).__name__} {self.status} {len(self.body)} bytes>"
 
 
+def safe_join(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> str | None:
+    """The real path of ``path`` taken inside the folder ``root``, or None when it would
+    lead outside ``root``.
+
+    ``path`` is relative to ``root`` even when it starts with ``/`` (``request.path``
+    does). Both are resolved with :func:`os.path.realpath`, so ``..`` segments and
+    symbolic links are followed first: a symbolic link inside ``root`` that points
+    outside it gives None too. A path with a NUL character gives None.
+    """
+    path = os.fspath(path)
+    base = os.path.realpath(os.fspath(root))
+    if "\0" in path or "\0" in base:
+        return None
+    full = os.path.realpath(os.path.join(base, path.lstrip("/")))
+    if full == base or full.startswith(base.rstrip(os.sep) + os.sep):
+        return full
+    return None
+
+
 class FileResponse(Response):
     """A file from disk, streamed in pieces paced by the connection's send buffer.
 
-    ``FileResponse(path, status=200, headers=None, *, content_type=None, download_name=None)``.
-    The content type is guessed from the name when not given. ``Last-Modified``,
+    ``FileResponse(path, status=200, headers=None, *, content_type=None, download_name=None, root=None)``.
+    With ``root``, ``path`` is taken inside that folder (``FileResponse(request.path,
+    root="static")``): it is resolved with :func:`safe_join`, and a path that leads
+    outside ``root`` (through ``..`` or a symbolic link) gets ``404``, never a file
+    from elsewhere. Without ``root``, ``path`` is opened as given: never build it from
+    the request that way. The content type is guessed from the name when not given. ``Last-Modified``,
     ``ETag`` (a strong validator made of the file's modification time in nanoseconds
     and its size, unless ``headers`` gives one), ``Accept-Ranges: bytes`` and
     ``Content-Length`` are set.
@@ -178,10 +201,11 @@ class FileResponse(Response):
     lies beyond the end), unless an ``If-Range`` names another version of the file (a
     different tag, or a date other than its ``Last-Modified``): then the whole file
     goes with 200. ``download_name`` adds ``Content-Disposition: attachment``. A missing
-    file gives ``404``. Only a ``status`` of 200 is subject to conditions and ranges.
+    file, or anything that is not a regular file, gives ``404``. Only a ``status`` of
+    200 is subject to conditions and ranges.
     """
 
-    __slots__ = ("path", "download_name")
+    __slots__ = ("path", "download_name", "root")
 
     def __init__(
         self,
@@ -191,10 +215,19 @@ class FileResponse(Response):
         *,
         content_type: str | None = None,
         download_name: str | None = None,
+        root: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(b"", status, headers, content_type=content_type)
         self.path = os.fspath(path)
         self.download_name = download_name
+        self.root = os.fspath(root) if root is not None else None
+
+    def resolved_path(self) -> str | None:
+        """The file to open: ``path`` itself, or with ``root`` its real path inside
+        ``root`` (None when it lies outside)."""
+        if self.root is None:
+            return self.path
+        return safe_join(self.root, self.path)
 
 
 class Chunk:

@@ -1,0 +1,139 @@
+"""HTTP hardening against a real server with raw sockets: what a hostile client sends
+(path traversal, trailers, odd framing) and what a careless handler might answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from conftest import App, connect
+
+SERVER = r'''
+from longshore.http import Response, FileResponse, HttpProtocol
+APP_DIR = os.environ["APP_DIR"]
+STATIC = os.path.join(APP_DIR, "static")
+TcpConnection.default_max_package_size = 1024 * 1024
+
+web = Worker("http://127.0.0.1:0", name="web")
+
+def on_message(conn, request):
+    path = request.path
+    if path.startswith("/static/"):
+        conn.send(FileResponse(path[len("/static"):], root=STATIC))
+    elif path.startswith("/naive/"):  # the file name glued to the folder: relies on path
+        conn.send(FileResponse(STATIC + path[len("/naive"):]))
+    elif path.startswith("/echo"):
+        conn.send(Response(json.dumps({
+            "path": path,
+            "target": request.target,
+            "headers": request.headers.items(),
+            "cookies": request.cookies,
+            "body": request.body.decode("latin-1"),
+            "keep_alive": request.keep_alive,
+        }), content_type="application/json"))
+    else:
+        conn.send(Response("Not Found", 404))
+
+web.on_message = on_message
+'''
+
+SECRET = "top secret, outside the static folder\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hardening")
+    static = folder / "static"
+    (static / "sub").mkdir(parents=True)
+    (static / "index.html").write_text("index page\n")
+    (static / "sub" / "page.txt").write_text("sub page\n")
+    (folder / "secret.txt").write_text(SECRET)
+    os.symlink(folder / "secret.txt", static / "escape.txt")  # a link that leads outside
+    os.symlink(static / "index.html", static / "inside.html")  # a link that stays inside
+    app = App(folder, SERVER).start()
+    port = app.port()
+    yield app, port, folder
+    app.cli("stop", timeout=30, check=False)
+    app.kill_everything()
+
+
+def exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``payload``, read until the server closes (or goes quiet)."""
+    sock = connect(port, timeout)
+    sock.sendall(payload)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    sock.close()
+    return data
+
+
+def get(port: int, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+    """One request with ``Connection: close``: (status, body)."""
+    answer = exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+# -- path traversal ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/static/../secret.txt",
+        b"/static/../../../../../../etc/passwd",
+        b"/static/%2e%2e/secret.txt",
+        b"/static/%2E%2E/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/hostname",
+        b"/static/..%2fsecret.txt",
+        b"/static/sub/..%2f..%2fsecret.txt",
+        b"/static//etc/passwd",
+        b"/static/escape.txt",
+        b"/static/index.html%00.txt",
+        b"/naive/../secret.txt",
+        b"/naive/%2e%2e/secret.txt",
+        b"/naive/..%2f..%2f..%2f..%2f..%2f..%2fetc/passwd",
+    ],
+)
+def test_no_file_outside_the_root_is_served(server, target):
+    app, port, folder = server
+    status, body = get(port, target)
+    assert status == 404, (target, status, body)
+    assert SECRET.encode() not in body and b"root:" not in body
+
+
+def test_files_inside_the_root_are_served(server):
+    app, port, folder = server
+    assert get(port, b"/static/index.html") == (200, b"index page\n")
+    assert get(port, b"/static/sub/page.txt") == (200, b"sub page\n")
+    assert get(port, b"/static/sub/../index.html") == (200, b"index page\n")
+    assert get(port, b"/static/sub/%2e%2e/sub/./page.txt") == (200, b"sub page\n")
+    assert get(port, b"/static/inside.html") == (200, b"index page\n")  # a link that stays inside
+    assert get(port, b"/naive/sub/page.txt") == (200, b"sub page\n")
+    assert get(port, b"/static/")[0] == 404  # the folder itself
+    assert get(port, b"/static/sub")[0] == 404
+
+
+def test_request_path_has_no_dot_segments(server):
+    app, port, folder = server
+    for target, path in [
+        (b"/echo/a/../b/./c", "/echo/b/c"),
+        (b"/echo/q/%2e%2e/%2E/x", "/echo/x"),
+        (b"/echo/x/..%2fy", "/echo/y"),
+        (b"/x/../../../echo/z/..", "/echo/"),
+        (b"/echo/.well-known/a..b/...", "/echo/.well-known/a..b/..."),
+        (b"/echo/a%20b", "/echo/a b"),
+    ]:
+        status, body = get(port, target)
+        assert status == 200, target
+        answer = json.loads(body)
+        assert (answer["path"], answer["target"]) == (path, target.decode()), target
