@@ -320,6 +320,7 @@ def start(worker):
         conn.on_connect = lambda c, path=path: (results["connected"].append(path), save())
         conn.on_error = lambda c, code, message, path=path: (results["errors"].__setitem__(path, [code, message]), save())
         conn.connect()
+    save()
 
 w.on_worker_start = start
 """
