@@ -745,3 +745,93 @@ def test_redis_count_that_drops_to_zero_while_unwritable_is_deleted(app_factory,
         app.cli("stop", check=False)
         redis.kill()
         redis.wait()
+
+
+LONG_NAMES = """
+from longshore import channel
+from longshore.connection import tcp
+
+w = Worker("text://127.0.0.1:0", name="chat")
+watchers = set()
+boom = set()
+
+def failing_listener(conn):
+    if conn.id in boom:
+        raise RuntimeError("close listener failed")
+
+def on_worker_start(worker):
+    tcp.close_listeners.insert(0, failing_listener)
+
+async def on_message(conn, line):
+    cmd, _, arg = line.partition(" ")
+    name = "n" * int(arg[1:]) if arg.startswith("*") else "\\ud800" if arg == "bad" else arg
+    calls = {
+        "join": lambda: channel.join_group(conn, name),
+        "uid": lambda: channel.bind_uid(conn, name),
+        "sub": lambda: channel.subscribe(name, print),
+        "pub": lambda: channel.publish(name, "x"),
+        "togroup": lambda: channel.send_to_group(name, "x"),
+        "touid": lambda: channel.send_to_uid(name, "x"),
+        "count": lambda: channel.group_count(name),
+        "online": lambda: channel.is_online(name),
+    }
+    if cmd == "watch":
+        watchers.add(conn); conn.send("ok")
+    elif cmd == "boom":
+        boom.add(conn.id); conn.send("ok")
+    else:
+        try:
+            result = calls[cmd]()
+            if asyncio.iscoroutine(result):
+                result = await result
+        except Exception as exc:
+            conn.send(f"{type(exc).__name__}")
+        else:
+            conn.send(f"{cmd} {result}")
+
+def on_close(conn):
+    for watcher in watchers:
+        watcher.send(f"closed {conn.id}")
+
+w.on_worker_start = on_worker_start
+w.on_connect = lambda conn: conn.send("id " + channel.client_id(conn))
+w.on_message = on_message
+w.on_close = on_close
+"""
+
+
+def test_names_too_long_for_the_wire_are_refused(app_factory):
+    """A topic, uid or group over 65535 bytes (with its prefix) or not UTF-8 raises
+    ValueError before anything changes: the connection still closes with its on_close,
+    and the worker still re-announces its groups to a respawned hub. A close listener
+    that fails does not stop the others, nor on_close."""
+    app = app_factory(LONG_NAMES)
+    port = app.start().port()
+
+    async def main() -> None:
+        a, b = await Client.open(port), await Client.open(port)
+        assert await b.ask("watch") == "ok"
+        for cmd in ("join", "uid", "sub", "pub", "togroup", "touid", "count", "online"):
+            assert await a.ask(f"{cmd} *70000") == "ValueError", cmd
+            assert await a.ask(f"{cmd} bad") == "ValueError", cmd
+        assert await a.ask("join *65000") == "join None"  # within the limit
+        assert await a.ask("join room") == "join None"
+        assert await b.ask("count room") == "count 1"
+        hub = _hub_pid(app)
+        os.kill(hub, signal.SIGKILL)
+        wait_for(lambda: _hub_pid(app) not in (None, hub), what="a new hub")
+        await wait_for_answer(b, "count room", "count 1")  # counts announced again
+        a.close()
+        assert await b.line() == f"closed {int(a.id.rsplit('-', 1)[1], 16)}"
+        await wait_for_answer(b, "count room", "count 0")
+        c = await Client.open(port)
+        assert await c.ask("join room") == "join None" and await c.ask("boom") == "ok"
+        await wait_for_answer(b, "count room", "count 1")
+        c.close()
+        assert await b.line() == f"closed {int(c.id.rsplit('-', 1)[1], 16)}"
+        await wait_for_answer(b, "count room", "count 0")  # the gateway still forgot c
+        b.close()
+
+    asyncio.run(main())
+    assert app.processes("chat")[0]["throw_exception"] == 1
+    assert "exception in a close listener" in app.log() and "RuntimeError: close listener failed" in app.log()

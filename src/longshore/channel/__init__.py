@@ -57,7 +57,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core import Channel, ChannelError, ClientId, parse_client_id, process_address
+from .core import Channel, ChannelError, ClientId, check_wire_topic, parse_client_id, process_address, user_topic
 from .gateway import Gateway
 
 if TYPE_CHECKING:
@@ -158,8 +158,15 @@ def _require_gateway() -> Gateway:
 # -- publish / subscribe ---------------------------------------------------------------
 def subscribe(topic: str, callback: Callable[[str, Any], Any]) -> None:
     """Call ``callback(topic, message)`` (a function or coroutine function) for each
-    message published to ``topic`` by any process."""
+    message published to ``topic`` by any process.
+
+    ValueError if ``topic`` is too long (see :data:`core.MAX_WIRE_TOPIC`); the same goes
+    for the uids and groups of the calls below.
+    """
     if _channel is None:
+        from ..worker import Worker
+
+        check_wire_topic(user_topic(Worker.channel_prefix, topic), "topic", topic)
         _early_subscriptions.append((topic, callback))
         return
     _channel.subscribe(topic, callback)

@@ -108,6 +108,31 @@ def encode_envelope(origin: str, message: Any, extra: dict[str, Any] | None = No
     return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
 
+#: The longest topic on the wire, in bytes (the embedded hub's frames give a topic a
+#: 2-byte length). A topic, uid or group name must fit in it together with the prefix
+#: the channel puts in front of it, whatever the backend, so that an application behaves
+#: the same on both.
+MAX_WIRE_TOPIC = 65535
+
+
+def user_topic(prefix: str, topic: str) -> str:
+    """The wire topic of the application's pub/sub ``topic``."""
+    return f"{prefix}:t:{topic}"
+
+
+def check_wire_topic(wire_topic: str, kind: str, name: str) -> None:
+    """ValueError if ``name`` (a topic, uid or group) cannot go on the wire as
+    ``wire_topic``: over ``MAX_WIRE_TOPIC`` bytes with its prefix, or not UTF-8 text."""
+    try:
+        size = len(wire_topic.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"channel: the {kind} {name[:40]!r} cannot be encoded as UTF-8 ({exc.reason})") from None
+    if size > MAX_WIRE_TOPIC:
+        length = len(name.encode())
+        limit = MAX_WIRE_TOPIC - (size - length)
+        raise ValueError(f"channel: the {kind} {name[:40]!r}... is {length} bytes long (UTF-8); at most {limit}")
+
+
 def decode_envelope(payload: bytes) -> tuple[dict[str, Any], Any]:
     """The header and the message (of its original type) of a wire payload."""
     end = payload.index(b"\n")
@@ -141,10 +166,11 @@ class Channel:
 
     # -- topics of the application -------------------------------------------------
     def user_topic(self, topic: str) -> str:
-        return f"{self.prefix}:t:{topic}"
+        return user_topic(self.prefix, topic)
 
     def subscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         """Call ``callback(topic, message)`` for every message published to ``topic``."""
+        check_wire_topic(self.user_topic(topic), "topic", topic)
         callbacks = self.callbacks.setdefault(topic, [])
         callbacks.append(callback)
         if len(callbacks) == 1:
@@ -173,10 +199,12 @@ class Channel:
         through the backend. Returns False when the message could not be handed to the
         backend (it still reaches this process's subscribers); ``dropped`` counts it.
         """
+        wire_topic = self.user_topic(topic)
+        check_wire_topic(wire_topic, "topic", topic)
         process_stats.channel_published += 1
         if topic in self.callbacks:
             asyncio.get_running_loop().call_soon(self._dispatch, topic, message)
-        return self.send(self.user_topic(topic), encode_envelope(self.address, message))
+        return self.send(wire_topic, encode_envelope(self.address, message))
 
     def _dispatch_routed(self, topic: str, header: dict[str, Any], message: Any) -> None:
         self._dispatch(topic, message)

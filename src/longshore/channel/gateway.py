@@ -28,7 +28,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..stats import process_stats
-from .core import Channel, encode_envelope, parse_client_id
+from .core import Channel, check_wire_topic, encode_envelope, parse_client_id
 
 if TYPE_CHECKING:
     from ..connection.tcp import TcpConnection
@@ -86,6 +86,7 @@ class Gateway:
     # -- bindings ------------------------------------------------------------------
     def bind_uid(self, connection: TcpConnection, uid: str) -> None:
         uid = str(uid)
+        check_wire_topic(self.uid_prefix + uid, "uid", uid)
         if connection.closed:
             return
         current = self.uid_of.get(connection)
@@ -115,6 +116,7 @@ class Gateway:
 
     def join_group(self, connection: TcpConnection, group: str) -> None:
         group = str(group)
+        check_wire_topic(self.group_prefix + group, "group", group)
         if connection.closed:
             return
         groups = self.groups_of.setdefault(connection, set())
@@ -194,6 +196,7 @@ class Gateway:
 
     def send_to_uid(self, uid: str, message: Any) -> bool:
         uid = str(uid)
+        check_wire_topic(self.uid_prefix + uid, "uid", uid)
         process_stats.channel_published += 1
         holders = self.by_uid.get(uid)
         if holders:
@@ -202,6 +205,7 @@ class Gateway:
 
     def send_to_group(self, group: str, message: Any, exclude: Any = None) -> bool:
         group = str(group)
+        check_wire_topic(self.group_prefix + group, "group", group)
         excluded = self._exclude_list(exclude)
         process_stats.channel_published += 1
         members = self.members.get(group)
@@ -242,8 +246,10 @@ class Gateway:
 
     # -- counts --------------------------------------------------------------------
     async def uid_count(self, uid: str) -> int:
+        check_wire_topic(self.uid_prefix + uid, "uid", uid)
         return await self.channel.backend.get_count(f"u:{uid}")
 
     async def group_count(self, group: str) -> int:
+        check_wire_topic(self.group_prefix + group, "group", group)
         return await self.channel.backend.get_count(f"g:{group}")
 

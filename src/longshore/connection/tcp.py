@@ -361,7 +361,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             worker._closed_bytes_written += self.bytes_written
         _stats.connections -= 1
         for listener in close_listeners:
-            listener(self)
+            try:
+                listener(self)
+            except Exception:  # the close (and on_close) goes on
+                report_exception("a close listener", self)
         hook = getattr(self.protocol, "connection_closed", None)
         if hook is not None:
             hook()
