@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 
@@ -30,6 +31,8 @@ def on_message(conn, request):
             "path": path,
             "target": request.target,
             "headers": request.headers.items(),
+            "trailers": request.trailers.items(),
+            "trailer_x": request.trailers.get("x-checksum"),
             "cookies": request.cookies,
             "body": request.body.decode("latin-1"),
             "keep_alive": request.keep_alive,
@@ -137,3 +140,54 @@ def test_request_path_has_no_dot_segments(server):
         assert status == 200, target
         answer = json.loads(body)
         assert (answer["path"], answer["target"]) == (path, target.decode()), target
+
+
+# -- chunked request trailers ----------------------------------------------------------------
+
+
+def split_responses(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Content-Length-delimited responses read to the end: [(head, body), ...]."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        out.append((head, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_trailers_stay_apart_from_the_headers(server):
+    app, port, folder = server
+    answers = split_responses(exchange(
+        port,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nCookie: a=1\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n"
+        b"X-Checksum: 42\r\nX-Admin: 1\r\nCookie: SID=evil\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"Expect: teapot\r\n\r\n"
+        b"GET /echo/next HTTP/1.1\r\nHost: y\r\nConnection: close\r\n\r\n",
+    ))
+    assert len(answers) == 2
+    head, body = answers[0]
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    answer = json.loads(body)
+    names = [name.lower() for name, _ in answer["headers"]]
+    assert names == ["host", "transfer-encoding", "cookie"]
+    assert answer["cookies"] == {"a": "1"}
+    assert answer["body"] == "abc" and answer["keep_alive"] is True
+    assert answer["trailer_x"] == "42"  # case-insensitive
+    assert [name for name, _ in answer["trailers"]] == ["X-Checksum", "X-Admin", "Cookie", "X-Forwarded-For", "Expect"]
+    # the connection goes on
+    answer = json.loads(answers[1][1])
+    assert answer["path"] == "/echo/next" and answer["trailers"] == []
+    # a trailer 'Connection: close': the answer goes, then the connection closes (what
+    # follows is not taken for a request)
+    answers = split_responses(exchange(
+        port,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nConnection: close\r\n\r\n"
+        b"GET /echo/next HTTP/1.1\r\nHost: y\r\n\r\n",
+    ))
+    assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answers[0][0]
+    assert json.loads(answers[0][1])["trailers"] == [["Connection", "close"]]
+    # a Content-Length trailer is refused by the parser (400), not taken for a body size (413)
+    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nContent-Length: 99999999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]

@@ -191,6 +191,7 @@ class HttpProtocol(Protocol):
         "_graceful",
         "_seen_read",
         "_quiet_since",
+        "_trailers",
     )
 
     def __init__(self, connection: Any) -> None:
@@ -221,6 +222,7 @@ class HttpProtocol(Protocol):
         self._graceful = False
         self._seen_read = 0
         self._quiet_since = 0.0
+        self._trailers: list[tuple[bytes, bytes]] | None = None
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
@@ -391,6 +393,9 @@ class HttpProtocol(Protocol):
             raise self._error
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._request is not None:  # after a chunked body: a trailer field
+            self._on_trailer(name, value)
+            return
         self._headers.append((name, value))
         self._header_size += len(name) + len(value) + 4
         if self._header_size > self.max_header_size:
@@ -409,6 +414,14 @@ class HttpProtocol(Protocol):
             if value.isdigit() and int(value) > limit:
                 self._error = PackageTooLarge(f"request body of {int(value)} bytes is larger than {limit}", response=PAYLOAD_TOO_LARGE)
                 raise self._error
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field goes to ``request.trailers``, never among the headers: it came
+        after the body, after whatever checked the headers had seen them."""
+        if self._trailers is None:
+            self._trailers = [(name, value)]
+        else:
+            self._trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
@@ -459,6 +472,13 @@ class HttpProtocol(Protocol):
         if body is not None:
             request.body = body[0] if len(body) == 1 else b"".join(body)
             self._body = None
+        if self._trailers is not None:
+            request.raw_trailers = self._trailers
+            self._trailers = None
+            if request.keep_alive and not self._parser.should_keep_alive():
+                # llhttp heeds a trailer 'Connection: close' and would take what follows
+                # for garbage: close after this answer instead
+                request.keep_alive = False
         self._body_size = 0
         multipart = self._multipart
         if multipart is not None:

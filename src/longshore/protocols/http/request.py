@@ -130,6 +130,7 @@ class Request:
 
     Computed on first use: ``path`` (percent-decoded), ``query_string``, ``query``
     (a :class:`MultiDict` of ``str``), ``headers`` (case-insensitive :class:`Headers`),
+    ``trailers`` (the same, for the trailer fields after a chunked body),
     ``cookies`` (``dict``), ``form`` (:class:`MultiDict`, from urlencoded or multipart
     bodies), ``files`` (:class:`MultiDict` of :class:`UploadedFile`), ``json()``,
     ``remote_address``/``remote_ip``/``remote_port``, ``session()``.
@@ -140,12 +141,14 @@ class Request:
         "method",
         "_target",
         "raw_headers",
+        "raw_trailers",
         "version",
         "keep_alive",
         "body",
         "_path",
         "_query",
         "_headers",
+        "_trailers",
         "_cookies",
         "_form",
         "_files",
@@ -159,12 +162,15 @@ class Request:
         self._target = target
         #: The headers as received: a list of ``(name, value)`` byte pairs.
         self.raw_headers = raw_headers
+        #: The trailer fields that followed a chunked body, as received (usually none).
+        self.raw_trailers: list[tuple[bytes, bytes]] | tuple[()] = ()
         self.version = version
         self.keep_alive = keep_alive
         self.body: bytes = b""
         self._path: str | None = None
         self._query: MultiDict | None = None
         self._headers: Headers | None = None
+        self._trailers: Headers | None = None
         self._cookies: dict[str, str] | None = None
         self._form: MultiDict | None = None
         self._files: MultiDict | None = None
@@ -213,6 +219,16 @@ class Request:
         if headers is None:
             headers = self._headers = Headers(self.raw_headers)
         return headers
+
+    @property
+    def trailers(self) -> Headers:
+        """The trailer fields sent after a chunked body, case-insensitive like
+        :attr:`headers` (usually empty). They are kept apart: never among ``headers``,
+        ``cookies`` or anything else that reads the headers."""
+        trailers = self._trailers
+        if trailers is None:
+            trailers = self._trailers = Headers(list(self.raw_trailers))
+        return trailers
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """One header's (first) value, case-insensitive."""
