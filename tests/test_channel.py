@@ -658,8 +658,12 @@ async def on_message(conn, line):
             conn.send(f"count {await channel.group_count('nobody')}")
         except channel.ChannelError as exc:
             conn.send(f"count error {exc}")
-    elif cmd == "flood":
-        ok = sum(1 for _ in range(int(arg)) if channel.publish("news", b"z" * 100_000))
+    elif cmd == "flood":  # 500 KB at a time: the hub keeps up with this worker
+        ok = 0
+        for index in range(int(arg)):
+            ok += channel.publish("news", b"z" * 100_000)
+            if index % 5 == 4:
+                await asyncio.sleep(0.01)
         conn.send(f"flood {ok}")
     elif cmd == "count":
         conn.send(f"count {arg} {await channel.group_count(arg)}")
@@ -835,3 +839,26 @@ def test_names_too_long_for_the_wire_are_refused(app_factory):
     asyncio.run(main())
     assert app.processes("chat")[0]["throw_exception"] == 1
     assert "exception in a close listener" in app.log() and "RuntimeError: close listener failed" in app.log()
+
+
+def test_embedded_hub_drops_for_a_slow_worker_are_counted_by_that_worker(app_factory):
+    """Messages the hub drops for a worker that does not read show up in that worker's
+    ``dropped``: what it received plus what it was told was dropped is what was sent."""
+    app = app_factory(LINK_FLOOD)
+    port = app.start().port()
+
+    async def main() -> tuple[int, int]:
+        a, b = await spread(port, 2)
+        a.send("block 1")
+        await asyncio.sleep(0.2)
+        sent = int((await b.ask("flood 40")).split()[1])
+        assert await a.line(timeout=10) == "count 0"
+        await asyncio.sleep(0.5)
+        got = int((await a.ask("got")).split()[1])
+        a.close()
+        b.close()
+        return a.pid, sent - got
+
+    pid, lost = asyncio.run(main())
+    assert lost >= 10, lost
+    assert next(p for p in app.processes("chat") if p["pid"] == pid)["channel"]["dropped"] == lost

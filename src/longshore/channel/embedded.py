@@ -22,13 +22,19 @@ Q     how many of key, in all processes?   4-byte query id (answer: op A, body:
                                            query id + 8-byte total)
 ====  ===================================  ====================================
 
+The hub sends M (a message of a subscribed topic), A (an answer) and D (empty topic,
+8-byte N: the hub dropped N messages for this worker since its last D).
+
 The links are plain asyncio protocols rather than ``TcpConnection`` objects: they are
 the framework's own plumbing, so they must not appear among the application's
 connections, in its ``send_fail`` or in a graceful stop's wait. A link whose peer does
 not read (more than ``LINK_BUFFER_LIMIT`` bytes waiting) loses messages (P and M
 frames), and they are counted as dropped, like a slow client's. The other frames
 (subscriptions, counts, queries and their answers) are small and always written: losing
-one would leave a subscription or a count wrong until the next reconnection.
+one would leave a subscription or a count wrong until the next reconnection. The hub
+tells a worker how many messages it dropped for it (a D frame, at most every
+``DROP_REPORT_DELAY`` seconds), and that worker adds them to its ``dropped`` counter:
+they are lost on the receiving side, where ``status`` shows them.
 
 A worker reconnects after a hub restart with a growing delay (50 ms up to 1 s), then
 subscribes again and re-announces its counts; what was published while it was away is
@@ -43,6 +49,7 @@ import os
 import signal
 from typing import Any, Callable
 
+from ..stats import process_stats
 from .core import ChannelError
 
 log = logging.getLogger("longshore")
@@ -52,6 +59,8 @@ MAX_FRAME = 256 * 1024 * 1024
 RETRY_MIN = 0.05
 RETRY_MAX = 1.0
 QUERY_TIMEOUT = 3.0
+#: How long the hub gathers the drops for a worker before it reports them.
+DROP_REPORT_DELAY = 0.2
 
 OP_SUBSCRIBE = ord("S")
 OP_UNSUBSCRIBE = ord("U")
@@ -60,6 +69,7 @@ OP_MESSAGE = ord("M")
 OP_COUNT = ord("C")
 OP_QUERY = ord("Q")
 OP_ANSWER = ord("A")
+OP_DROPPED = ord("D")
 
 
 def hub_address(pid_file: str) -> str:
@@ -153,6 +163,8 @@ class Hub:
         self.subscribers: dict[bytes, set[Link]] = {}
         self.topics_of: dict[Link, set[bytes]] = {}
         self.counts: dict[bytes, dict[Link, int]] = {}
+        #: Messages dropped for each worker, not reported to it yet.
+        self.unreported: dict[Link, int] = {}
         self.dropped = 0
         self.routed = 0
 
@@ -160,6 +172,7 @@ class Hub:
         self.topics_of[link] = set()
 
     def link_lost(self, link: Link) -> None:
+        self.unreported.pop(link, None)
         for topic in self.topics_of.pop(link, ()):
             subscribers = self.subscribers.get(topic)
             if subscribers is not None:
@@ -187,7 +200,7 @@ class Hub:
                 if subscriber.write(message, bounded=True):
                     self.routed += 1
                 else:
-                    self.dropped += 1
+                    self.drop_for(subscriber)
         elif op == OP_SUBSCRIBE:
             self.subscribers.setdefault(topic, set()).add(link)
             self.topics_of.setdefault(link, set()).add(topic)
@@ -210,6 +223,20 @@ class Hub:
         elif op == OP_QUERY:
             total = sum(self.counts.get(topic, {}).values())
             link.write(pack(OP_ANSWER, b"", body[:4] + total.to_bytes(8, "big", signed=True)))
+
+
+    def drop_for(self, link: Link) -> None:
+        """A message for ``link`` was dropped: count it, and report it to that worker soon."""
+        self.dropped += 1
+        if not self.unreported:
+            asyncio.get_running_loop().call_later(DROP_REPORT_DELAY, self.report_drops)
+        self.unreported[link] = self.unreported.get(link, 0) + 1
+
+    def report_drops(self) -> None:
+        """Tell each worker how many messages were dropped for it (a D frame)."""
+        unreported, self.unreported = self.unreported, {}
+        for link, count in unreported.items():
+            link.write(pack(OP_DROPPED, b"", count.to_bytes(8, "big")))
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -356,6 +383,8 @@ class EmbeddedBackend:
             future = self.queries.pop(int.from_bytes(body[:4], "big"), None)
             if future is not None and not future.done():
                 future.set_result(int.from_bytes(body[4:12], "big", signed=True))
+        elif op == OP_DROPPED:
+            process_stats.channel_dropped += int.from_bytes(body[:8], "big")
 
     async def stop(self) -> None:
         """Close the link (the hub forgets this process's subscriptions and counts)."""
