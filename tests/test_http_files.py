@@ -399,3 +399,26 @@ def test_graceful_stop_closes_idle_keep_alive_connections_and_finishes_answers(t
         assert time.monotonic() - started < 8
     finally:
         app.kill_everything()
+
+
+def test_graceful_stop_lets_a_request_body_still_arriving_finish(tmp_path):
+    app, port = make_server(tmp_path)
+    try:
+        sock = connect(port)
+        sock.sendall(b"GET /files/missing HTTP/1.1\r\n\r\n")  # the connection has answered before
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+        sock.sendall(b"POST /upload HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 8\r\n\r\na=1")
+        time.sleep(0.2)
+        stopper = subprocess.Popen([__import__("sys").executable, str(app.script), "stop", "-g"], cwd=app.folder, env=app.env)
+        time.sleep(1.0)  # the worker stops gracefully while the body is half there
+        sock.sendall(b"&b=22")
+        received = b""
+        sock.settimeout(10)
+        while chunk := sock.recv(65536):
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head, received
+        assert json.loads(body)["form"] == {"a": "1", "b": "22"}
+        assert stopper.wait(20) == 0
+    finally:
+        app.kill_everything()

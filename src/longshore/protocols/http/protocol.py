@@ -745,7 +745,7 @@ class HttpProtocol(Protocol):
             self._closing = True
         elif connection.bytes_written == 0:
             pass  # accepted just before the listener closed: its first request is on its way
-        elif not self._in_headers:
+        elif not self._in_headers and self._request is None:  # not amid a request (its body may still be coming)
             self._closing = True
             connection.close()
 
