@@ -63,6 +63,8 @@ def on_message(conn, request):
         conn.send(Response(json.dumps({"form": request.form.to_dict(), "files": files}), content_type="application/json"))
     elif path == "/session":
         return session_visit(conn, request)
+    elif path.startswith("/session-files/"):
+        return session_file(conn, request)
     elif path == "/logout":
         return logout(conn, request)
     else:
@@ -75,6 +77,12 @@ async def session_visit(conn, request):
     session["visits"] = session.get("visits", 0) + 1
     await session.save()
     conn.send(Response(json.dumps({"id": session.id, "visits": session["visits"], "new": session.is_new}), content_type="application/json"))
+
+async def session_file(conn, request):
+    session = await request.session()
+    session["seen"] = True
+    await session.save()
+    conn.send(FileResponse(os.path.join(APP_DIR, request.path[15:])))
 
 async def logout(conn, request):
     session = await request.session()
@@ -334,6 +342,25 @@ def test_sessions_in_files(server):
     app, port, folder = server
     _session_round_trip(port)
     assert any(name.startswith("sess_") for name in os.listdir(folder / "sessions"))
+
+
+def test_a_new_session_cookie_goes_with_every_kind_of_file_answer(server):
+    app, port, folder = server
+    cases = [
+        (b"/session-files/small.txt", b"", b"HTTP/1.1 200 OK"),
+        (b"/session-files/missing.txt", b"", b"HTTP/1.1 404 "),
+        (b"/session-files/small.txt", b"Range: bytes=99-\r\n", b"HTTP/1.1 416 "),
+        (b"/session-files/small.txt", b'If-Match: "other"\r\n', b"HTTP/1.1 412 "),
+    ]
+    for path, header, status in cases:
+        sock = connect(port)
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + header + b"Connection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        head = received.partition(b"\r\n\r\n")[0]
+        assert head.startswith(status), (path, header, head)
+        assert b"\r\nSet-Cookie: SID=" in head, (path, header, head)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

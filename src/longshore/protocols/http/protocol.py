@@ -223,6 +223,7 @@ class HttpProtocol(Protocol):
         self._seen_read = 0
         self._quiet_since = 0.0
         self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._trailing = False
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
@@ -527,14 +528,17 @@ class HttpProtocol(Protocol):
     def _close_now(self) -> None:
         self.connection.close()
 
-    def _encode_response(self, response: Response, request: Request | None) -> bytes:
+    def _encode_response(self, response: Response, request: Request | None, extra: list[bytes] | None = None) -> bytes:
+        """``extra``: the header lines built already (a file's answer that turned into a
+        404, 412, 416 or 304 keeps them, with the session cookie that is sent only once)."""
         keep_alive = request.keep_alive if request is not None else not self._closing
         head_only = request is not None and request.method == "HEAD"
-        extra = [_SERVER, _date_line]
-        if request is not None and request._session is not None:
-            cookie = request._session._cookie_header()
-            if cookie:
-                extra.append(cookie)
+        if extra is None:
+            extra = [_SERVER, _date_line]
+            if request is not None and request._session is not None:
+                cookie = request._session._cookie_header()
+                if cookie:
+                    extra.append(cookie)
         if keep_alive and response.headers:
             value = response.get_header("connection")
             if value is not None and value.lower() == "close":
@@ -644,12 +648,12 @@ class HttpProtocol(Protocol):
         path = response.resolved_path()
         file = _open_file(path) if path is not None else None
         if file is None:
-            return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request)
+            return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request, extra)
         try:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):
                 file.close()
-                return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request)
+                return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request, extra)
             size = info.st_size
             modified = int(info.st_mtime)
             headers = list(response.headers)
@@ -677,15 +681,15 @@ class HttpProtocol(Protocol):
                 if verdict:
                     file.close()
                     if verdict == 304:
-                        return self._encode_response(Response(b"", 304, headers=[h for h in headers if h[0] != "Content-Type"]), request)
-                    return self._encode_response(Response("Precondition Failed\n", 412, content_type="text/plain; charset=utf-8"), request)
+                        return self._encode_response(Response(b"", 304, headers=[h for h in headers if h[0] != "Content-Type"]), request, extra)
+                    return self._encode_response(Response("Precondition Failed\n", 412, content_type="text/plain; charset=utf-8"), request, extra)
                 ranges = request.headers.get("range") if request.method == "GET" else None
                 if ranges is not None and _range_applies(request.headers.get("if-range"), etag, modified):
                     wanted = _parse_range(ranges, size)
                     if wanted is None:
                         file.close()
                         answer = Response(b"", 416, headers=[("Content-Range", f"bytes */{size}")])
-                        return self._encode_response(answer, request)
+                        return self._encode_response(answer, request, extra)
                     if wanted != (0, size):
                         start, length = wanted
                         status = 206
