@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import App, connect
+from conftest import App, connect, wait_for
 
 SERVER = r'''
 from longshore.http import Response, FileResponse, HttpProtocol
@@ -191,3 +191,40 @@ def test_trailers_stay_apart_from_the_headers(server):
     # a Content-Length trailer is refused by the parser (400), not taken for a body size (413)
     answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nContent-Length: 99999999999\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+
+
+def test_trailers_over_max_header_size_get_431(server):
+    app, port, folder = server
+    before = app.processes("web")[0]["protocol_error"]
+    # one endless trailer field, arriving in pieces
+    sock = connect(port)
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
+    time.sleep(0.05)
+    answer = b""
+    try:
+        for _ in range(200):  # up to 800 KiB; the server answers after about 16
+            sock.sendall(b"a" * 4096)
+            time.sleep(0.002)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    # many small trailer fields, all at once
+    many = b"".join(b"X-F%d: %s\r\n" % (index, b"b" * 100) for index in range(300))
+    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    wait_for(lambda: app.processes("web")[0]["protocol_error"] >= before + 2, what="431s counted")
+    # a body of many small chunks is no trailer: it is served
+    chunks = b"".join(b"1\r\n%c\r\n" % (97 + index % 26) for index in range(20000))
+    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nX-Checksum: 7\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert len(json.loads(body)["body"]) == 20000 and json.loads(body)["trailer_x"] == "7"

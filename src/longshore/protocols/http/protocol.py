@@ -192,6 +192,7 @@ class HttpProtocol(Protocol):
         "_seen_read",
         "_quiet_since",
         "_trailers",
+        "_trailing",
     )
 
     def __init__(self, connection: Any) -> None:
@@ -224,6 +225,7 @@ class HttpProtocol(Protocol):
         self._quiet_since = 0.0
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._trailing = False
+        self._trailing = False
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
@@ -241,6 +243,7 @@ class HttpProtocol(Protocol):
         out: list[Request] = []
         self._out = out
         started_in_headers = self._in_headers
+        started_trailing = self._trailing
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
@@ -263,6 +266,15 @@ class HttpProtocol(Protocol):
             if not self._waiting_since:
                 self._waiting_since = time.monotonic()
                 _waiting[self] = self._waiting_since
+        elif self._trailing:
+            # trailer fields still incomplete: httptools holds them until their line ends
+            # (of the read in which the trailer section began, only its last line counts)
+            if started_trailing:
+                self._partial_size += len(data)
+            else:
+                self._partial_size = len(data) - data.rfind(b"\n") - 1
+            if self._partial_size > self.max_header_size:
+                return self._fail(ProtocolError("request trailers too large", response=HEADERS_TOO_LARGE), out)
         return out
 
     def _fail(self, error: ProtocolError, out: list[Request]) -> list[Request]:
@@ -419,6 +431,10 @@ class HttpProtocol(Protocol):
     def _on_trailer(self, name: bytes, value: bytes) -> None:
         """A trailer field goes to ``request.trailers``, never among the headers: it came
         after the body, after whatever checked the headers had seen them."""
+        self._header_size += len(name) + len(value) + 4
+        if self._header_size > self.max_header_size:
+            self._error = ProtocolError("request trailers too large", response=HEADERS_TOO_LARGE)
+            raise self._error
         if self._trailers is None:
             self._trailers = [(name, value)]
         else:
@@ -445,7 +461,18 @@ class HttpProtocol(Protocol):
             else:
                 self.connection.send(CONTINUE, raw=True)
 
+    def on_chunk_header(self) -> None:
+        # What follows is the chunk's data, or (after the last, empty chunk) the trailer
+        # section; its size counts from here against max_header_size.
+        self._trailing = True
+        self._header_size = 0
+        self._partial_size = 0
+
+    def on_chunk_complete(self) -> None:
+        self._trailing = False
+
     def on_body(self, body: bytes) -> None:
+        self._trailing = False
         self._body_size += len(body)
         limit = self.connection.max_package_size
         if self._body_size > limit:
