@@ -350,6 +350,24 @@ def test_headers_larger_than_16_kib_get_431(server):
     assert counters(app)["pid"] == before["pid"]
 
 
+def test_pipelined_requests_read_amid_headers_do_not_count_as_one_big_header(server):
+    """A read that ends one request's headers, holds hundreds of small requests (over
+    16 KiB together) and begins another: no 431, every request answered."""
+    app, port = server
+    before = counters(app)
+    one = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = connect(port)
+    sock.sendall(b"GET / HTTP/1.1\r\nHo")
+    time.sleep(0.2)
+    sock.sendall(b"st: x\r\n\r\n" + one * 700 + b"GET / HTTP/1.1\r\n")
+    time.sleep(0.2)
+    sock.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+    data = read_to_end(sock)
+    assert b" 431 " not in data
+    assert data.count(b"HTTP/1.1 200 OK") == 702 and data.endswith(b"hello")
+    assert counters(app)["protocol_error"] == before["protocol_error"]
+
+
 def test_body_larger_than_max_package_size_gets_413(server):
     app, port = server
     before = counters(app)

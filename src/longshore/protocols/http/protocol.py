@@ -243,6 +243,7 @@ class HttpProtocol(Protocol):
         out: list[Request] = []
         self._out = out
         started_in_headers = self._in_headers
+        headers = self._headers
         started_trailing = self._trailing
         try:
             self._parser.feed_data(data)
@@ -259,10 +260,17 @@ class HttpProtocol(Protocol):
                 return out
             return self._fail(error, out)
         if self._in_headers:
-            if started_in_headers:
+            # What the parser holds of a request whose headers are incomplete (a line it has
+            # not passed on yet) counts against max_header_size: every byte of each read
+            # that went on with the same request, and of the read in which it began only
+            # its last, incomplete line (the complete lines and the requests before it in
+            # that read were counted as they were parsed).
+            if started_in_headers and self._headers is headers:
                 self._partial_size += len(data)
-                if self._partial_size > self.max_header_size:
-                    return self._fail(ProtocolError("request headers too large", response=HEADERS_TOO_LARGE), out)
+            else:
+                self._partial_size = len(data) - data.rfind(b"\n") - 1
+            if self._partial_size > self.max_header_size:
+                return self._fail(ProtocolError("request headers too large", response=HEADERS_TOO_LARGE), out)
             if not self._waiting_since:
                 self._waiting_since = time.monotonic()
                 _waiting[self] = self._waiting_since
