@@ -225,7 +225,6 @@ class HttpProtocol(Protocol):
         self._quiet_since = 0.0
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._trailing = False
-        self._trailing = False
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
