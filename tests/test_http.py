@@ -49,10 +49,21 @@ def describe(request):
         "remote_port": request.remote_port,
     }
 
-async def on_message(conn, request):
+def on_message(conn, request):
+    path = request.path
+    if path == "/raise-now":
+        raise RuntimeError("failing before any answer")
+    if path == "/bad-header":  # not Latin-1: sending it raises
+        conn.send(Response("x", headers={"X-Name": "Jos\u00e9 \u2603"}))
+    return answer(conn, request)
+
+async def answer(conn, request):
     path = request.path
     if path == "/":
         conn.send("hello")
+    elif path == "/raise-later":
+        await asyncio.sleep(0.05)
+        raise RuntimeError("failing before any answer")
     elif path == "/bytes":
         conn.send(b"raw bytes")
     elif path == "/echo":
@@ -366,6 +377,41 @@ def test_pipelined_requests_read_amid_headers_do_not_count_as_one_big_header(ser
     assert b" 431 " not in data
     assert data.count(b"HTTP/1.1 200 OK") == 702 and data.endswith(b"hello")
     assert counters(app)["protocol_error"] == before["protocol_error"]
+
+
+def _answers(data: bytes) -> list[bytes]:
+    """The status lines of the answers in ``data``."""
+    return re.findall(rb"HTTP/1\.1 \d\d\d [^\r]*", data)
+
+
+@pytest.mark.parametrize(
+    "requests, statuses",
+    [
+        # on_message raises: alone, before another request, behind an answer still being
+        # computed (a coroutine), behind a file still going out (a slow reader)
+        ([b"GET /raise-now"], [b"500"]),
+        ([b"GET /raise-now", b"HEAD /"], [b"500"]),
+        ([b"GET /sleep/0.3", b"GET /raise-later", b"GET /"], [b"200", b"500"]),
+        ([b"GET /file", b"GET /raise-now", b"GET /"], [b"200", b"500"]),
+        # send() raises (a header value that is not Latin-1)
+        ([b"GET /bad-header", b"GET /"], [b"500"]),
+        ([b"GET /sleep/0.3", b"GET /bad-header", b"GET /"], [b"200", b"500"]),
+    ],
+)
+def test_a_failing_handler_gets_a_500_in_its_place_and_the_connection_closes(server, requests, statuses):
+    app, port = server
+    before = counters(app)
+    sock = connect(port, rcvbuf=64 * 1024)
+    sock.sendall(b"".join(line + b" HTTP/1.1\r\nHost: x\r\n\r\n" for line in requests))
+    time.sleep(0.5)  # the file, when there is one, is far from written out
+    data = read_to_end(sock, timeout=5)  # the server closes
+    assert [line.split()[1] for line in _answers(data)] == statuses, data[:300]
+    if requests[0] == b"GET /file":
+        assert len(data.partition(b"\r\n\r\n")[2]) > BIG_FILE_SIZE  # whole, then the 500
+    error = data[data.index(b"HTTP/1.1 500") :]
+    assert b"Connection: close\r\n" in error and error.endswith(b"\r\n\r\n500 Internal Server Error\n")
+    assert counters(app)["protocol_error"] == before["protocol_error"]
+    assert httpx.get(base(port)).text == "hello"  # the worker goes on
 
 
 def test_body_larger_than_max_package_size_gets_413(server):

@@ -54,6 +54,8 @@ UNSENT_CHECK_INTERVAL = 0.05
 _connection_ids = itertools.count(1)
 
 _PEER_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+#: ``_start_serial``'s awaitable came from a callback other than ``on_message``.
+_NO_MESSAGE: Any = object()
 
 #: Called with every accepted connection that closes, before its ``on_close`` (the
 #: channel's gateway forgets the connection's uid and groups here).
@@ -254,9 +256,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                 result = handler(self, messages[0])
             except Exception:
                 report_exception("on_message", self)
+                self._protocol.message_failed(messages[0])
                 return
             if result is not None and hasattr(result, "__await__"):
-                self._start_serial(result)
+                self._start_serial(result, messages[0])
             return
         self._dispatch(handler, messages)
 
@@ -275,9 +278,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                     result = handler(self, message)
                 except Exception:
                     report_exception("on_message", self)
+                    self._protocol.message_failed(message)
                     result = None
                 if result is not None and hasattr(result, "__await__"):
-                    self._start_serial(result)
+                    self._start_serial(result, message)
                 if self._serial is not None:  # a coroutine runs now: the rest waits behind it
                     for later in messages[index + 1 :]:
                         self._queue_serial(handler, (self, later))
@@ -687,12 +691,13 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                 self.bytes_written += len(exc.response)
             self.close()
 
-    def _start_serial(self, awaitable: Any) -> None:
+    def _start_serial(self, awaitable: Any, message: Any = _NO_MESSAGE) -> None:
+        """Run ``awaitable`` (returned by ``on_message(message)``, or another callback)."""
         if self._serial is not None:  # one is running: this one waits its turn
             self._queue_serial(_awaited, (awaitable,))
             return
         self._serial = collections.deque()
-        task = asyncio.get_running_loop().create_task(self._run_serial(awaitable))
+        task = asyncio.get_running_loop().create_task(self._run_serial(awaitable, message))
         task.add_done_callback(_forget_task)
         _running_tasks.add(task)
 
@@ -705,11 +710,13 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             if not self._recv_paused:
                 self.transport.pause_reading()  # type: ignore[union-attr]
 
-    async def _run_serial(self, awaitable: Any) -> None:
+    async def _run_serial(self, awaitable: Any, message: Any = _NO_MESSAGE) -> None:
         try:
             await awaitable
         except Exception:
             report_exception("a coroutine callback", self)
+            if message is not _NO_MESSAGE:
+                self._protocol.message_failed(message)
         except asyncio.CancelledError:  # the worker is stopping
             await self._serial_cancelled()
             raise
@@ -730,6 +737,8 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                     await result
             except Exception:
                 report_exception(getattr(handler, "__name__", "callback"), self)
+                if handler is self._handlers.on_message:
+                    self._protocol.message_failed(args[1])
             except asyncio.CancelledError:
                 await self._serial_cancelled()
                 raise

@@ -73,6 +73,14 @@ class Protocol:
         the peer closes it (or when ``stop_timeout`` runs out).
         """
 
+    def message_failed(self, message: Any) -> None:
+        """``on_message`` raised on ``message`` (or the coroutine it returned did).
+
+        The exception has been logged and counted. A request/response protocol answers
+        the request here if it was left unanswered (HTTP: a 500, then it closes), so that
+        later answers are not taken for this one's. The default does nothing.
+        """
+
     def going_away(self) -> None:
         """The worker stops now (``stop``, ``reload``, or a graceful stop whose time is up).
 

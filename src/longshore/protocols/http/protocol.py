@@ -69,6 +69,7 @@ BAD_REQUEST = _error_response(400)
 REQUEST_TIMEOUT = _error_response(408)
 PAYLOAD_TOO_LARGE = _error_response(413)
 HEADERS_TOO_LARGE = _error_response(431)
+INTERNAL_ERROR = _error_response(500)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _SERVER = b"Server: longshore\r\n"
@@ -191,6 +192,7 @@ class HttpProtocol(Protocol):
         "_graceful",
         "_seen_read",
         "_quiet_since",
+        "_final_answer",
         "_trailers",
         "_trailing",
     )
@@ -223,6 +225,7 @@ class HttpProtocol(Protocol):
         self._graceful = False
         self._seen_read = 0
         self._quiet_since = 0.0
+        self._final_answer: bytes | None = None
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._trailing = False
         # Waiting for the first request's headers starts now.
@@ -318,10 +321,17 @@ class HttpProtocol(Protocol):
         self._turn_waits = False
         request, self._continue_for = self._continue_for, None
         error, self._deferred_error = self._deferred_error, None
+        final, self._final_answer = self._final_answer, None
         connection = self.connection
         if connection.closed:
             return
-        if error is not None:
+        if final is not None:  # a failed request's 500: the last answer on this connection
+            connection._write_ignoring_limit(final)
+            if error is not None:  # bytes after it were bad too: counted, without an answer of its own
+                error.response = None
+                connection._protocol_error(error)
+            connection.close()
+        elif error is not None:
             connection._protocol_error(error)
         elif request is not None and request is self._request and not self._body_size and not self._closing:
             # the request waiting for its body is next to be answered, and the client
@@ -546,7 +556,14 @@ class HttpProtocol(Protocol):
         if (cls is str or cls is bytes) and request is not None and request.keep_alive and request._session is None and request.version == "1.1" and request.method != "HEAD":
             body = message.encode() if cls is str else message
             return b"".join((_TEXT_HEAD, _date_line, _content_length(len(body)), body))
-        return self._encode_for(message, request)
+        try:
+            return self._encode_for(message, request)
+        except BaseException:
+            # Nothing was sent (a header value that is not Latin-1, say): the request is
+            # still the next to be answered.
+            if request is not None:
+                pending.appendleft(request)
+            raise
 
     def _encode_for(self, message: Any, request: Request | None) -> bytes:
         if isinstance(message, Response):
@@ -585,24 +602,27 @@ class HttpProtocol(Protocol):
         elif request is not None and request.version == "1.0" and response.get_header("connection") is None:
             extra.append(_KEEP_ALIVE)
         status = response.status
+        # (The head is made before any state changes: making it may raise.)
         if isinstance(response, EventStream):
             # The events follow until the connection closes: nothing else may follow them.
+            head = response.head_bytes(b"".join(extra)) + b"\r\n"
             self._stream = _STREAM_EVENTS
             self._closing = True
-            return response.head_bytes(b"".join(extra)) + b"\r\n"
+            return head
         if response.chunked:
             if head_only:
-                self._stream = _STREAM_DISCARD
+                stream = _STREAM_DISCARD
             elif request is not None and request.version == "1.0":
-                self._stream = _STREAM_UNFRAMED
+                stream = _STREAM_UNFRAMED
                 if keep_alive:  # the body's end is the connection's end
                     extra[-1:] = [_CLOSE] if extra[-1] is _KEEP_ALIVE else [extra[-1], _CLOSE]
                 keep_alive = False
             else:
-                self._stream = _STREAM_CHUNKED
+                stream = _STREAM_CHUNKED
                 extra.append(_CHUNKED)
-            self._stream_close_after = not keep_alive
             head = response.head_bytes(b"".join(extra)) + b"\r\n"
+            self._stream = stream
+            self._stream_close_after = not keep_alive
             if response.body:
                 head += self._encode_in_stream(Chunk(response.body))
             return head
@@ -673,7 +693,18 @@ class HttpProtocol(Protocol):
                 if stream is not None:
                     return  # the next response waits for this stream's end
                 held.pop(0)
-                connection.send(self._encode_for(message, request), raw=True)
+                try:
+                    data = self._encode_for(message, request)
+                except Exception:
+                    from ...connection.tcp import report_exception
+
+                    report_exception("an HTTP response", connection)
+                    held.clear()  # this request gets a 500, and is the last answered
+                    self._closing = True
+                    connection._write_ignoring_limit(INTERNAL_ERROR)
+                    connection.close()
+                    return
+                connection.send(data, raw=True)
         if self._turn_waits:
             self._turn_came()
 
@@ -787,6 +818,29 @@ class HttpProtocol(Protocol):
             self._closing = True
             connection.close()
 
+    def message_failed(self, message: Any) -> None:
+        """``on_message`` raised on the request ``message`` (or its coroutine did, or a
+        ``send()`` of its answer raised) before it was answered.
+
+        It gets a ``500`` with ``Connection: close`` in its place: after the answers
+        still owed to the requests before it, which go out whole first. The requests
+        after it get no answer (their handlers are not called while the connection waits
+        for its turn; clients send such requests again), and the connection closes after
+        the 500. A request that had been answered before its handler raised is left be.
+        """
+        connection = self.connection
+        pending = self._pending
+        if connection.closed or not any(request is message for request in pending):
+            return
+        self._closing = True
+        while pending.pop() is not message:
+            pass  # the requests after it: never answered
+        if not connection._recv_paused:
+            connection.pause_recv()  # their handlers wait (for good: the connection closes)
+        self._final_answer = INTERNAL_ERROR
+        self._turn_waits = True
+        self._turn_came()
+
     def _last_held_closes(self) -> bool:
         """Make the last answer held behind the running stream close the connection (its
         request no longer keeps it alive). False when no answer is held."""
@@ -814,6 +868,7 @@ class HttpProtocol(Protocol):
         self._turn_waits = False
         self._continue_for = None
         self._deferred_error = None
+        self._final_answer = None
 
 
 def _open_file(path: str) -> Any:
