@@ -37,6 +37,31 @@ def on_message(conn, request):
             "body": request.body.decode("latin-1"),
             "keep_alive": request.keep_alive,
         }), content_type="application/json"))
+    elif path == "/build":  # a response made from what the client sent
+        q = request.query
+        try:
+            kind = q["kind"]
+            if kind == "reason":
+                response = Response("built", 400, reason=q["x"])
+            elif kind == "name":
+                response = Response("built", headers={q["x"]: "1"})
+            elif kind == "value":
+                response = Response("built", headers=[("X-Value", q["x"])])
+            elif kind == "set_header":
+                response = Response("built").set_header("X-Value", q["x"])
+            elif kind == "add_header":
+                response = Response("built").add_header(q["x"], "1")
+            elif kind == "content_type":
+                response = Response("built", content_type=q["x"])
+            elif kind == "cookie_name":
+                response = Response("built").set_cookie(q["x"], "v")
+            elif kind == "cookie_value":
+                response = Response("built").set_cookie("c", q["x"])
+            elif kind == "cookie_path":
+                response = Response("built").set_cookie("c", "v", path=q["x"])
+        except ValueError as exc:
+            response = Response("refused", 500, headers={"X-Refused": type(exc).__name__})
+        conn.send(response)
     else:
         conn.send(Response("Not Found", 404))
 
@@ -228,3 +253,52 @@ def test_trailers_over_max_header_size_get_431(server):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert len(json.loads(body)["body"]) == 20000 and json.loads(body)["trailer_x"] == "7"
+
+
+# -- response splitting ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, value",
+    [
+        ("reason", "Bad\r\nSet-Cookie: injected=1"),
+        ("reason", "Bad\nSet-Cookie: injected=1"),
+        ("name", "X-A\r\nSet-Cookie: injected=1\r\nX-B"),
+        ("name", "X A"),
+        ("name", "X:A"),
+        ("value", "a\r\nSet-Cookie: injected=1"),
+        ("value", "a\rSet-Cookie: injected=1"),
+        ("value", "a\x00b"),
+        ("value", "snow \u2603"),
+        ("set_header", "a\nSet-Cookie: injected=1"),
+        ("add_header", "X\r\nSet-Cookie: injected=1\r\nX-B"),
+        ("content_type", "text/html\r\nSet-Cookie: injected=1"),
+        ("cookie_name", "a=b\r\nSet-Cookie: injected"),
+        ("cookie_name", "a;b"),
+        ("cookie_path", "/\r\nSet-Cookie: injected=1"),
+        ("cookie_path", "/; Domain=evil.example"),
+    ],
+)
+def test_line_breaks_and_bad_names_are_refused_when_the_response_is_made(server, kind, value):
+    from urllib.parse import urlencode
+
+    app, port, folder = server
+    answer = exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 "), answer
+    assert b"X-Refused: ValueError" in head and body == b"refused"
+    assert b"injected" not in answer and b"evil" not in answer
+
+
+def test_safe_values_are_sent_as_given(server):
+    from urllib.parse import urlencode
+
+    app, port, folder = server
+    for kind, value, expected in [
+        ("reason", "Tr\u00e8s Bien", b"HTTP/1.1 400 Tr\xe8s Bien\r\n"),
+        ("value", "Jos\u00e9\tand a tab", b"\r\nX-Value: Jos\xe9\tand a tab\r\n"),
+        ("name", "X-Custom_Name.1", b"\r\nX-Custom_Name.1: 1\r\n"),
+        ("cookie_value", "a b;c\r\nd", b"\r\nSet-Cookie: c=a%20b%3Bc%0D%0Ad; Path=/; SameSite=Lax\r\n"),
+    ]:
+        answer = exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert expected in answer and answer.endswith(b"\r\n\r\nbuilt"), (kind, answer)

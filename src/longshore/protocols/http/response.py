@@ -18,6 +18,7 @@ decided by the request they answer.
 from __future__ import annotations
 
 import os
+import re
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Iterable
@@ -25,6 +26,29 @@ from urllib.parse import quote
 
 #: ``HTTP/1.1 200 OK\r\n`` ... for every status ``http.HTTPStatus`` knows.
 STATUS_LINES: dict[int, bytes] = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+#: A header (or cookie) name: an RFC 9110 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: What may not appear in a header value or a reason phrase: control characters (CR, LF
+#: and NUL above all: they would end the line and let the rest pass for another header),
+#: and characters beyond Latin-1, which have no byte on the wire.
+_UNSAFE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+#: What may not appear in a cookie attribute (a ';' would start another attribute).
+_UNSAFE_ATTRIBUTE = re.compile(r"[^\x20-\x3a\x3c-\x7e\x80-\xff]")
+
+
+def check_header(name: Any, value: Any) -> tuple[str, str]:
+    """``(name, value)`` as strings, or ValueError when ``name`` is not a token or
+    ``value`` holds a line break, another control character, or a character beyond
+    Latin-1 (encode such text first, e.g. percent-encoding or RFC 8187)."""
+    name = str(name)
+    value = str(value)
+    if _TOKEN.fullmatch(name) is None:
+        raise ValueError(f"invalid header name {name!r}")
+    if _UNSAFE.search(value) is not None:
+        raise ValueError(f"header {name} has a line break, a control character or a non-Latin-1 character: {value!r}")
+    return name, value
 
 
 def status_line(status: int, reason: str | None = None) -> bytes:
@@ -39,8 +63,8 @@ def status_line(status: int, reason: str | None = None) -> bytes:
 
 def _header_bytes(name: str, value: Any) -> bytes:
     text = f"{name}: {value}"
-    if "\r" in text or "\n" in text:
-        raise ValueError(f"header {name!r} contains a line break")
+    if _UNSAFE.search(text) is not None:  # set by hand in Response.headers, unchecked
+        check_header(name, value)
     return text.encode("latin-1") + b"\r\n"
 
 
@@ -56,7 +80,14 @@ def format_cookie(
     httponly: bool = False,
     samesite: str | None = "Lax",
 ) -> str:
-    """The value of one ``Set-Cookie`` header."""
+    """The value of one ``Set-Cookie`` header. ``value`` is percent-encoded as needed; a
+    ``name`` that is not a token, or an attribute with a ``;`` or a control character,
+    raises ValueError."""
+    if _TOKEN.fullmatch(name) is None:
+        raise ValueError(f"invalid cookie name {name!r}")
+    for attribute in (expires if isinstance(expires, str) else None, path, domain, samesite):
+        if attribute and _UNSAFE_ATTRIBUTE.search(attribute) is not None:
+            raise ValueError(f"cookie attribute with a ';' or a control character: {attribute!r}")
     parts = [f"{name}={quote(value, safe='!#$%&()*+-./:<=>?@[]^_`{|}~')}"]
     if max_age is not None:
         parts.append(f"Max-Age={int(max_age)}")
@@ -81,6 +112,9 @@ class Response:
     ``body`` is ``bytes`` or ``str`` (UTF-8). ``headers`` is a dict or a list of
     ``(name, value)`` pairs (a list may repeat names). ``Content-Length`` is added;
     ``Content-Type`` defaults to ``text/html; charset=utf-8`` when there is a body.
+    Header names must be tokens and values may not hold line breaks, other control
+    characters or characters beyond Latin-1; neither may ``reason``: ValueError when
+    the response (or the header) is made, so nothing can split the response.
     ``chunked=True`` sends the head (and ``body``, if any, as the first chunk) with
     ``Transfer-Encoding: chunked``; follow it with :class:`Chunk` objects and end with
     ``Chunk(b"")``.
@@ -100,24 +134,31 @@ class Response:
     ) -> None:
         self.body = body.encode() if isinstance(body, str) else bytes(body)
         self.status = int(status)
+        if not 100 <= self.status <= 999:
+            raise ValueError(f"an HTTP status has three digits, not {status!r}")
+        if reason is not None and _UNSAFE.search(reason) is not None:
+            raise ValueError(f"reason phrase with a line break, a control character or a non-Latin-1 character: {reason!r}")
         self.reason = reason
         self.headers: list[tuple[str, str]] = []
         if headers:
             for name, value in headers.items() if isinstance(headers, dict) else headers:
-                self.headers.append((str(name), str(value)))
+                self.headers.append(check_header(name, value))
+        if content_type is not None:
+            check_header("Content-Type", content_type)
         self.content_type = content_type
         self.chunked = chunked
 
     def set_header(self, name: str, value: Any) -> Response:
         """Set ``name`` (replacing any header of that name, case-insensitive)."""
+        name, value = check_header(name, value)
         lower = name.lower()
         self.headers = [(n, v) for n, v in self.headers if n.lower() != lower]
-        self.headers.append((name, str(value)))
+        self.headers.append((name, value))
         return self
 
     def add_header(self, name: str, value: Any) -> Response:
         """Add a header, keeping others of the same name."""
-        self.headers.append((name, str(value)))
+        self.headers.append(check_header(name, value))
         return self
 
     def get_header(self, name: str, default: str | None = None) -> str | None:
