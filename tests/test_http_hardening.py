@@ -13,12 +13,12 @@ import pytest
 from conftest import App, connect, wait_for
 
 SERVER = r'''
-from longshore.http import Response, FileResponse, HttpProtocol
+from longshore.http import Response, FileResponse, HttpProtocol, Chunk
 APP_DIR = os.environ["APP_DIR"]
 STATIC = os.path.join(APP_DIR, "static")
 TcpConnection.default_max_package_size = 1024 * 1024
 
-web = Worker("http://127.0.0.1:0", name="web")
+web = Worker("http://127.0.0.1:0", name="web", count=1)
 
 def on_message(conn, request):
     path = request.path
@@ -37,6 +37,18 @@ def on_message(conn, request):
             "body": request.body.decode("latin-1"),
             "keep_alive": request.keep_alive,
         }), content_type="application/json"))
+    elif path == "/relay":  # an upstream answer's headers passed on as they were
+        conn.send(Response(b"hello world", headers={"Content-Length": "5", "X-Up": "1"}))
+    elif path == "/relay-te":
+        conn.send(Response(b"hello world", headers={"Transfer-Encoding": "chunked", "Connection": "keep-alive"}))
+    elif path == "/relay-chunked":
+        conn.send(Response(b"part1;", chunked=True, headers={"Transfer-Encoding": "chunked", "Content-Length": "3"}))
+        conn.send(Chunk(b"part2"))
+        conn.send(Chunk(b""))
+    elif path == "/relay-file":
+        conn.send(FileResponse("index.html", root=STATIC, headers={"Content-Length": "2", "Transfer-Encoding": "gzip"}))
+    elif path == "/bye":
+        conn.send(Response("bye", headers={"connection": "close"}))
     elif path == "/build":  # a response made from what the client sent
         q = request.query
         try:
@@ -302,3 +314,56 @@ def test_safe_values_are_sent_as_given(server):
     ]:
         answer = exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert expected in answer and answer.endswith(b"\r\n\r\nbuilt"), (kind, answer)
+
+
+# -- framing headers are the server's ------------------------------------------------------
+
+
+def header_lines(head: bytes, name: bytes) -> list[bytes]:
+    return [line for line in head.split(b"\r\n")[1:] if line.lower().startswith(name.lower() + b":")]
+
+
+def test_framing_headers_set_by_the_application_are_left_out(server):
+    app, port, folder = server
+    sock = connect(port)
+    sock.sendall(
+        b"GET /relay HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /relay-te HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /relay-file HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /relay HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    answers = split_responses(data)
+    assert [body for _, body in answers] == [b"hello world", b"hello world", b"index page\n", b"hello world"]
+    for head, body in answers:
+        assert header_lines(head, b"content-length") == [b"Content-Length: %d" % len(body)], head
+        assert header_lines(head, b"transfer-encoding") == [], head
+    assert header_lines(answers[0][0], b"x-up") == [b"X-Up: 1"]
+    assert header_lines(answers[1][0], b"connection") == []  # the application's keep-alive is not sent
+    assert header_lines(answers[3][0], b"connection") == [b"Connection: close"]  # only ours
+    # a chunked response: one Transfer-Encoding, no Content-Length
+    answer = exchange(port, b"GET /relay-chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert header_lines(head, b"transfer-encoding") == [b"Transfer-Encoding: chunked"], head
+    assert header_lines(head, b"content-length") == [] and body == b"6\r\npart1;\r\n5\r\npart2\r\n0\r\n\r\n"
+    # the application's 'Connection: close' still closes, with a single header
+    sock = connect(port)
+    sock.sendall(b"GET /bye HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert header_lines(data.partition(b"\r\n\r\n")[0], b"connection") == [b"Connection: close"] and data.endswith(b"bye")
+    # said once per process and header name
+    log = app.log()
+    assert log.count("the content-length header set by the application is not sent") == 1, log
+    assert log.count("the transfer-encoding header set by the application is not sent") == 1, log

@@ -596,10 +596,11 @@ class HttpProtocol(Protocol):
                 keep_alive = False
         if isinstance(response, FileResponse):
             return self._start_file(response, request, keep_alive, head_only, extra)
+        # The framing headers are the server's (Response.head_bytes leaves out the
+        # application's); an application's 'Connection: close' closes after this answer.
         if not keep_alive:
-            if response.get_header("connection") is None:
-                extra.append(_CLOSE)
-        elif request is not None and request.version == "1.0" and response.get_header("connection") is None:
+            extra.append(_CLOSE)
+        elif request is not None and request.version == "1.0":
             extra.append(_KEEP_ALIVE)
         status = response.status
         # (The head is made before any state changes: making it may raise.)

@@ -17,12 +17,33 @@ decided by the request they answer.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Iterable
 from urllib.parse import quote
+
+log = logging.getLogger("longshore")
+
+#: Headers that frame the message on the connection: the server writes them itself.
+FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection"))
+#: Framing headers an application set, already warned about (once per process and name).
+_warned_framing: set[str] = set()
+
+
+def _framing_ignored(lower: str) -> None:
+    """An application set a framing header: it is left out; say so once per name."""
+    if lower in _warned_framing or lower == "connection":
+        return  # 'Connection: close' is a documented way to close after an answer
+    _warned_framing.add(lower)
+    log.warning(
+        "HTTP: the %s header set by the application is not sent: the server frames responses itself "
+        "(Content-Length, Transfer-Encoding, Connection); this is logged once",
+        lower,
+    )
+
 
 #: ``HTTP/1.1 200 OK\r\n`` ... for every status ``http.HTTPStatus`` knows.
 STATUS_LINES: dict[int, bytes] = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
@@ -111,6 +132,9 @@ class Response:
 
     ``body`` is ``bytes`` or ``str`` (UTF-8). ``headers`` is a dict or a list of
     ``(name, value)`` pairs (a list may repeat names). ``Content-Length`` is added;
+    the framing headers are the server's: a ``Content-Length`` or ``Transfer-Encoding``
+    given here is not sent (a warning is logged once), and ``Connection: close`` closes
+    the connection after this response (the server writes the header);
     ``Content-Type`` defaults to ``text/html; charset=utf-8`` when there is a body.
     Header names must be tokens and values may not hold line breaks, other control
     characters or characters beyond Latin-1; neither may ``reason``: ValueError when
@@ -182,11 +206,19 @@ class Response:
         return self
 
     def head_bytes(self, extra: bytes = b"") -> bytes:
-        """Status line and headers (without ``Content-Length`` and the final blank line)."""
+        """Status line and headers (without ``Content-Length`` and the final blank line).
+
+        ``Content-Length``, ``Transfer-Encoding`` and ``Connection`` in :attr:`headers`
+        are left out: the server writes the framing headers for what it actually sends
+        (the first two are logged as a warning once per process)."""
         parts = [status_line(self.status, self.reason)]
         has_type = False
         for name, value in self.headers:
-            if not has_type and name.lower() == "content-type":
+            lower = name.lower()
+            if lower in FRAMING_HEADERS:
+                _framing_ignored(lower)
+                continue
+            if not has_type and lower == "content-type":
                 has_type = True
             parts.append(_header_bytes(name, value))
         if self.content_type is not None and not has_type:
