@@ -93,6 +93,7 @@ def server(tmp_path_factory):
     (folder / "secret.txt").write_text(SECRET)
     os.symlink(folder / "secret.txt", static / "escape.txt")  # a link that leads outside
     os.symlink(static / "index.html", static / "inside.html")  # a link that stays inside
+    os.mkfifo(static / "pipe")
     app = App(folder, SERVER).start()
     port = app.port()
     yield app, port, folder
@@ -367,3 +368,21 @@ def test_framing_headers_set_by_the_application_are_left_out(server):
     log = app.log()
     assert log.count("the content-length header set by the application is not sent") == 1, log
     assert log.count("the transfer-encoding header set by the application is not sent") == 1, log
+
+
+# -- only regular files ----------------------------------------------------------------------
+
+
+def test_a_fifo_or_a_device_gets_404_without_blocking_the_worker(server):
+    app, port, folder = server
+    fifo = folder / "static" / "pipe"
+    try:
+        for target in (b"/static/pipe", b"/naive/pipe"):
+            status, body = get(port, target)  # a blocked worker would answer nothing
+            assert status == 404, target
+        assert get(port, b"/static/index.html") == (200, b"index page\n")
+    finally:
+        try:  # should a worker wait on the FIFO, let it go
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass

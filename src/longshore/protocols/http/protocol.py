@@ -872,12 +872,29 @@ class HttpProtocol(Protocol):
         self._final_answer = None
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+
+
 def _open_file(path: str) -> Any:
-    """``path`` opened for reading, or None (missing, unreadable, a NUL in its name)."""
+    """``path`` opened for reading if it is a regular file, else None (missing,
+    unreadable, a NUL in its name, a folder, a FIFO, a device).
+
+    It is opened without blocking and checked before anything is read: a plain open of a
+    FIFO would wait for a writer, and the whole worker with it. (For a regular file,
+    ``O_NONBLOCK`` changes nothing.)
+    """
     try:
-        return open(path, "rb")
+        fd = os.open(path, _OPEN_FLAGS)
     except (OSError, ValueError):
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # -- conditional requests (RFC 9110, section 13) ---------------------------------------------
