@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -26,7 +27,7 @@ from longshore.errors import PackageTooLarge, ProtocolError
 from longshore.protocols.http import HttpProtocol
 
 SERVER = r'''
-from longshore.http import Response, FileResponse, HttpProtocol
+from longshore.http import Response, FileResponse, Chunk, HttpProtocol
 HttpProtocol.header_timeout = 1.0
 TcpConnection.default_max_package_size = 1024 * 1024
 
@@ -55,6 +56,10 @@ def on_message(conn, request):
         raise RuntimeError("failing before any answer")
     if path == "/bad-header":  # not Latin-1: sending it raises
         conn.send(Response("x", headers={"X-Name": "Jos\u00e9 \u2603"}))
+    if path.startswith("/sized/"):  # about 800 KB, its number repeated
+        tag = path[7:].encode() + b";"
+        conn.send(Response(tag * (800_000 // len(tag))))
+        return None
     return answer(conn, request)
 
 async def answer(conn, request):
@@ -412,6 +417,57 @@ def test_a_failing_handler_gets_a_500_in_its_place_and_the_connection_closes(ser
     assert b"Connection: close\r\n" in error and error.endswith(b"\r\n\r\n500 Internal Server Error\n")
     assert counters(app)["protocol_error"] == before["protocol_error"]
     assert httpx.get(base(port)).text == "hello"  # the worker goes on
+
+
+def test_pipelined_requests_behind_a_stalled_file_are_not_read_without_bound(server):
+    """A client reads a file slowly and pipelines requests behind it as fast as it can:
+    the server stops reading them (a few answers held, one read more at most) instead of
+    holding every answer in memory until the file is out."""
+    app, port = server
+    before = counters(app)
+    sock = connect(port, rcvbuf=64 * 1024)
+    sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+    stop = threading.Event()
+
+    def slow_reader() -> None:  # about 2 MB/s: the file takes four seconds
+        while not stop.is_set():
+            try:
+                sock.recv(64 * 1024)
+            except OSError:
+                pass
+            time.sleep(0.03)
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    block = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 1000
+    sent = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(block)
+        except socket.timeout:
+            pass
+    stop.set()
+    reader.join()
+    parsed = counters(app)["total_request"] - before["total_request"]
+    sock.close()
+    assert sent > 1_000_000  # the kernel's buffers took plenty
+    assert parsed < 25_000, (parsed, sent)
+
+
+def test_pipelined_answers_are_never_dropped_for_a_full_send_buffer(server):
+    """Ten pipelined answers of 800 KB each (eight times the send buffer): they all
+    arrive, whole and in order, then the answer to the request sent after them."""
+    app, port = server
+    sock = connect(port, rcvbuf=64 * 1024)
+    sock.sendall(b"".join(b"GET /sized/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(10)))
+    time.sleep(1.0)  # nothing read meanwhile: the server's send buffer fills up
+    for i in range(10):
+        status, headers, body = read_response(sock, timeout=10)
+        tag = b"%d;" % i
+        assert status == b"HTTP/1.1 200 OK" and body == tag * (800_000 // len(tag)), (i, status, body[:20])
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(sock)[2] == b"hello"
 
 
 def test_body_larger_than_max_package_size_gets_413(server):

@@ -68,6 +68,7 @@ def _error_response(status: int, extra: bytes = b"") -> bytes:
 BAD_REQUEST = _error_response(400)
 REQUEST_TIMEOUT = _error_response(408)
 PAYLOAD_TOO_LARGE = _error_response(413)
+NOT_IMPLEMENTED = _error_response(501)
 HEADERS_TOO_LARGE = _error_response(431)
 INTERNAL_ERROR = _error_response(500)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -103,6 +104,9 @@ def _tick() -> None:
             if protocol.connection.closed:
                 _waiting.pop(protocol, None)
             elif now - since >= protocol.header_timeout:
+                if protocol._input_paused or protocol._reading_stopped:
+                    _waiting[protocol] = now  # the clock stops while the server itself does not read
+                    continue
                 _waiting.pop(protocol, None)
                 protocol._headers_timed_out()
     if _open:
@@ -146,6 +150,12 @@ class HttpProtocol(Protocol):
       that receives nothing for this long is closed, without an answer. A response still
       being sent (a file, a chunked body, Server-Sent Events) keeps it open, and a
       connection upgraded to WebSocket follows the WebSocket settings instead.
+    * ``max_owed_answers`` (32): while more answers than this are owed (pipelined
+      requests whose handlers have not answered yet, or answers held behind a response
+      still being streamed), the connection reads nothing more; it reads again once they
+      have gone out. It also reads nothing while its send buffer is full (the requests
+      already read wait unhandled until it has drained), so pipelined answers are never
+      dropped for a full buffer.
     * ``upload_memory_limit`` (1 MiB held in memory per uploaded file before it goes
       to a temporary file), ``upload_dir`` (None: the system's temporary folder),
       ``file_chunk_size`` (128 KiB).
@@ -163,6 +173,7 @@ class HttpProtocol(Protocol):
     upload_memory_limit = 1024 * 1024
     upload_dir: str | None = None
     file_chunk_size = 128 * 1024
+    max_owed_answers = 32
 
     __slots__ = (
         "_parser",
@@ -195,6 +206,9 @@ class HttpProtocol(Protocol):
         "_final_answer",
         "_trailers",
         "_trailing",
+        "_input_paused",
+        "_reading_stopped",
+        "_upgrade",
     )
 
     def __init__(self, connection: Any) -> None:
@@ -228,6 +242,9 @@ class HttpProtocol(Protocol):
         self._final_answer: bytes | None = None
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._trailing = False
+        self._input_paused = False  # this protocol paused the connection (pause_recv)
+        self._reading_stopped = False  # this protocol stopped the socket reads only
+        self._upgrade = False
         # Waiting for the first request's headers starts now.
         self._waiting_since = time.monotonic()
         _waiting[self] = self._waiting_since
@@ -241,7 +258,15 @@ class HttpProtocol(Protocol):
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[Any]:
         if self._closing:
+            if not self._upgrade and self._owed():
+                self._stop_reading()  # what comes now is ignored: no need to read it
             return _EMPTY
+        pending = self._pending
+        if pending and len(pending) >= self.max_owed_answers:
+            # Answers owed to earlier reads (handlers that answer later): this read is
+            # taken, the next waits until they have all been sent.
+            self._stop_reading()
+            self._turn_waits = True
         out: list[Request] = []
         self._out = out
         started_in_headers = self._in_headers
@@ -255,6 +280,7 @@ class HttpProtocol(Protocol):
             if out:
                 out[-1].keep_alive = False
             self._closing = True
+            self._upgrade = True
         except HttpParserError as exc:
             error = self._error or ProtocolError(f"malformed request: {exc}", response=BAD_REQUEST)
             self._error = None
@@ -325,6 +351,10 @@ class HttpProtocol(Protocol):
         connection = self.connection
         if connection.closed:
             return
+        if self._reading_stopped and not self._closing:
+            self._reading_stopped = False
+            if not connection._recv_paused and not connection._serial_paused:
+                connection.transport.resume_reading()
         if final is not None:  # a failed request's 500: the last answer on this connection
             connection._write_ignoring_limit(final)
             if error is not None:  # bytes after it were bad too: counted, without an answer of its own
@@ -444,6 +474,11 @@ class HttpProtocol(Protocol):
             if value.isdigit() and int(value) > limit:
                 self._error = PackageTooLarge(f"request body of {int(value)} bytes is larger than {limit}", response=PAYLOAD_TOO_LARGE)
                 raise self._error
+        elif size == 17 and name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # llhttp refuses codings after 'chunked'; one before it ('gzip, chunked') it
+            # would pass on undecoded: unsupported, and a framing others may read otherwise
+            self._error = ProtocolError("unsupported transfer coding", response=NOT_IMPLEMENTED)
+            raise self._error
 
     def _on_trailer(self, name: bytes, value: bytes) -> None:
         """A trailer field goes to ``request.trailers``, never among the headers: it came
@@ -463,7 +498,10 @@ class HttpProtocol(Protocol):
             self._waiting_since = 0.0
             _waiting.pop(self, None)
         parser = self._parser
-        self._request = Request(self.connection, parser.get_method(), self._url, self._headers, parser.get_http_version(), parser.should_keep_alive())
+        version = parser.get_http_version()
+        self._request = Request(self.connection, parser.get_method(), self._url, self._headers, version, parser.should_keep_alive())
+        if version == "1.0":
+            self._http_10(self._request)
         content_type = self._content_type
         if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
             try:
@@ -477,6 +515,17 @@ class HttpProtocol(Protocol):
                 self._turn_waits = True
             else:
                 self.connection.send(CONTINUE, raw=True)
+
+    def _http_10(self, request: Request) -> None:
+        """An HTTP/1.0 request with ``Transfer-Encoding`` has a framing an HTTP/1.0 hop
+        may read otherwise (RFC 9112, section 6.1): it is answered, then the connection
+        closes. Its ``Expect: 100-continue`` is ignored (RFC 9110, section 10.1.1): an
+        HTTP/1.0 client does not wait for a ``100 Continue``, nor understand one."""
+        self._expect = False
+        for name, _ in self._headers:
+            if len(name) == 17 and name.lower() == b"transfer-encoding":
+                request.keep_alive = False
+                break
 
     def on_chunk_header(self) -> None:
         # What follows is the chunk's data, or (after the last, empty chunk) the trailer
@@ -659,9 +708,12 @@ class HttpProtocol(Protocol):
         if cls is not Chunk and cls is not ServerSentEvent:
             pending = self._pending
             request = pending.popleft() if pending else None
-        if self._held is None:
-            self._held = []
-        self._held.append((message, request))
+        held = self._held
+        if held is None:
+            held = self._held = []
+        held.append((message, request))
+        if len(held) >= self.max_owed_answers:
+            self._pause_input()  # _release_held() resumes
         return b""
 
     def _end_stream(self, close_after: bool) -> None:
@@ -679,6 +731,8 @@ class HttpProtocol(Protocol):
         held = self._held
         connection = self.connection
         while held and not connection.closed:
+            if self._paused:
+                return  # the send buffer is full: send_buffer_drained() goes on
             message, request = held[0]
             stream = self._stream
             cls = type(message)
@@ -706,6 +760,7 @@ class HttpProtocol(Protocol):
                     connection.close()
                     return
                 connection.send(data, raw=True)
+        self._resume_input()
         if self._turn_waits:
             self._turn_came()
 
@@ -785,8 +840,10 @@ class HttpProtocol(Protocol):
 
     # -- flow control, from the connection ----------------------------------------------------
     def send_buffer_full(self) -> None:
-        """The connection's send buffer reached its limit: stop producing."""
+        """The connection's send buffer reached its limit: stop producing, and take no
+        new requests (those already read wait unhandled) until it has drained."""
         self._paused = True
+        self._pause_input()
 
     def send_buffer_drained(self) -> None:
         """The connection's send buffer has been written out: produce again."""
@@ -794,6 +851,34 @@ class HttpProtocol(Protocol):
         stream = self._stream
         if stream is not None and stream.__class__ is _FilePump and not stream.scheduled:
             stream.run()
+        elif stream is None and self._held:
+            self._release_held()
+        self._resume_input()
+
+    def _pause_input(self) -> None:
+        """Read no more and hand no more requests to the application (the connection's
+        ``pause_recv``), until :meth:`_resume_input`."""
+        connection = self.connection
+        if not self._input_paused and not connection._recv_paused and not connection.closed:
+            self._input_paused = True
+            connection.pause_recv()
+
+    def _resume_input(self) -> None:
+        """Undo :meth:`_pause_input` once the send buffer has room and few answers are held."""
+        if not self._input_paused or self._paused or (self._held and len(self._held) >= self.max_owed_answers):
+            return
+        self._input_paused = False
+        connection = self.connection
+        if connection._recv_paused and not connection.closed:
+            connection.resume_recv()
+
+    def _stop_reading(self) -> None:
+        """Stop the socket reads only (requests already read are still handled); reading
+        resumes when every answer owed has been sent (:meth:`_turn_came`)."""
+        connection = self.connection
+        if not connection.closed:
+            self._reading_stopped = True
+            connection.transport.pause_reading()
 
     def graceful_close(self) -> None:
         """The worker stops gracefully: close now if idle, else after the answer due."""
@@ -838,6 +923,7 @@ class HttpProtocol(Protocol):
             pass  # the requests after it: never answered
         if not connection._recv_paused:
             connection.pause_recv()  # their handlers wait (for good: the connection closes)
+        self._input_paused = False  # ... whatever drains
         self._final_answer = INTERNAL_ERROR
         self._turn_waits = True
         self._turn_came()
