@@ -60,6 +60,12 @@ def on_message(conn, request):
         tag = path[7:].encode() + b";"
         conn.send(Response(tag * (800_000 // len(tag))))
         return None
+    if path == "/overflow":  # a producer that ignores on_buffer_full
+        conn.send(Response(chunked=True))
+        conn.send(Chunk(b"x" * (16 * 1024 * 1024)))
+        conn.send(Chunk(b"tail"))  # the send buffer is full: dropped
+        conn.send(Chunk(b""))
+        return None
     return answer(conn, request)
 
 async def answer(conn, request):
@@ -468,6 +474,19 @@ def test_pipelined_answers_are_never_dropped_for_a_full_send_buffer(server):
         assert status == b"HTTP/1.1 200 OK" and body == tag * (800_000 // len(tag)), (i, status, body[:20])
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(sock)[2] == b"hello"
+
+
+def test_an_answer_dropped_for_a_full_send_buffer_closes_the_connection(server):
+    """A handler that sends on into a full buffer loses a piece of its answer: the
+    connection closes (the chunked body visibly cut short) rather than go on with the
+    next answer in its place."""
+    app, port = server
+    sock = connect(port, rcvbuf=64 * 1024)
+    sock.sendall(b"GET /overflow HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.5)
+    data = read_to_end(sock, timeout=5)  # the server closes
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in data
+    assert not data.endswith(b"0\r\n\r\n") and b"tail" not in data and data.count(b"HTTP/1.1") == 1
 
 
 def test_body_larger_than_max_package_size_gets_413(server):

@@ -513,6 +513,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         handler = self._handlers.on_error
         if handler is not None:  # at once, also while a coroutine of this connection waits
             self._call(handler, "on_error", self, SEND_FAIL, "send buffer full and drop package", at_once=True)
+        self._protocol.send_dropped()
 
     @property
     def send_buffer_size(self) -> int:

@@ -81,6 +81,13 @@ class Protocol:
         later answers are not taken for this one's. The default does nothing.
         """
 
+    def send_dropped(self) -> None:
+        """A send was dropped because the send buffer was full (after ``send_fail`` was
+        counted and ``on_error`` called). A protocol that cannot lose a message without
+        its peer misreading what follows closes the connection here (HTTP does). The
+        default does nothing.
+        """
+
     def going_away(self) -> None:
         """The worker stops now (``stop``, ``reload``, or a graceful stop whose time is up).
 

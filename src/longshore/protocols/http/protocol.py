@@ -855,6 +855,14 @@ class HttpProtocol(Protocol):
             self._release_held()
         self._resume_input()
 
+    def send_dropped(self) -> None:
+        """A send was dropped (the send buffer was full; ``send_fail`` and ``on_error``
+        have seen it): an answer, or a piece of one, is lost. The client would take the
+        next answer for the lost one, so the connection closes instead (after what its
+        send buffer holds); the requests not answered yet get no answer."""
+        self._closing = True
+        self.connection.close()
+
     def _pause_input(self) -> None:
         """Read no more and hand no more requests to the application (the connection's
         ``pause_recv``), until :meth:`_resume_input`."""
