@@ -386,3 +386,59 @@ def test_a_fifo_or_a_device_gets_404_without_blocking_the_worker(server):
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
+
+
+# -- request framing -----------------------------------------------------------------------------
+
+
+def test_a_transfer_coding_other_than_chunked_gets_501(server):
+    app, port, folder = server
+    before = app.processes("web")[0]["protocol_error"]
+    for coding in (b"gzip, chunked", b"deflate,chunked", b"x-custom , chunked"):
+        answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 501 ") and answer.count(b"HTTP/1.1") == 1, (coding, answer)
+    wait_for(lambda: app.processes("web")[0]["protocol_error"] >= before + 3, what="501s counted")
+    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  Chunked \r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and json.loads(answer.partition(b"\r\n\r\n")[2])["body"] == "abc"
+
+
+def test_http_1_0_with_transfer_encoding_is_answered_then_closed(server):
+    app, port, folder = server
+    answer = exchange(
+        port,
+        b"POST /echo HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET /echo/smuggled HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    )
+    answers = split_responses(answer)
+    assert len(answers) == 1, answer
+    head, body = answers[0]
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
+    assert json.loads(body)["body"] == "abc" and json.loads(body)["keep_alive"] is False
+    # without Transfer-Encoding, HTTP/1.0 keep-alive still works
+    answer = exchange(port, b"GET /echo/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo/2 HTTP/1.0\r\n\r\n")
+    assert [json.loads(body)["path"] for _, body in split_responses(answer)] == ["/echo/1", "/echo/2"]
+
+
+def test_expect_100_continue_is_ignored_on_http_1_0(server):
+    app, port, folder = server
+    sock = connect(port)
+    sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        sock.recv(100)  # no '100 Continue': an HTTP/1.0 client would take it for the answer
+    sock.settimeout(5)
+    sock.sendall(b"abc")
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in data
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["body"] == "abc"
+    # HTTP/1.1 still gets it
+    sock = connect(port)
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+    assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.close()
