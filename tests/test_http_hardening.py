@@ -49,6 +49,8 @@ def on_message(conn, request):
         conn.send(FileResponse("index.html", root=STATIC, headers={"Content-Length": "2", "Transfer-Encoding": "gzip"}))
     elif path == "/bye":
         conn.send(Response("bye", headers={"connection": "close"}))
+    elif path == "/form":
+        conn.send(Response(json.dumps({"fields": len(request.form.items()), "files": len(request.files.items())}), content_type="application/json"))
     elif path == "/build":  # a response made from what the client sent
         q = request.query
         try:
@@ -442,3 +444,34 @@ def test_expect_100_continue_is_ignored_on_http_1_0(server):
     sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
     assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
     sock.close()
+
+
+# -- form field count ----------------------------------------------------------------------------
+
+
+def post(port: int, content_type: bytes, body: bytes) -> tuple[int, bytes]:
+    answer = exchange(port, b"POST /form HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: " + content_type + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def multipart(fields: int, files: int) -> bytes:
+    parts = [b"--B\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nv\r\n" % index for index in range(fields)]
+    parts += [b"--B\r\nContent-Disposition: form-data; name=\"u%d\"; filename=\"u.txt\"\r\n\r\ndata\r\n" % index for index in range(files)]
+    return b"".join(parts) + b"--B--\r\n"
+
+
+def test_forms_with_more_than_max_form_fields_get_413(server):
+    app, port, folder = server
+    before = app.processes("web")[0]["package_too_large"]
+    urlencoded = b"application/x-www-form-urlencoded"
+    assert post(port, urlencoded, b"&".join(b"k%d=v" % index for index in range(1000))) == (200, b'{"fields": 1000, "files": 0}')
+    status, _ = post(port, urlencoded, b"&".join(b"k%d=v" % index for index in range(1001)))
+    assert status == 413
+    status, _ = post(port, urlencoded, b"&" * 200000)  # a large body of empty fields
+    assert status == 413
+    form_data = b"multipart/form-data; boundary=B"
+    assert post(port, form_data, multipart(990, 10)) == (200, b'{"fields": 990, "files": 10}')
+    assert post(port, form_data, multipart(1001, 0))[0] == 413
+    assert post(port, form_data, multipart(995, 6))[0] == 413
+    wait_for(lambda: app.processes("web")[0]["package_too_large"] >= before + 4, what="413s counted")

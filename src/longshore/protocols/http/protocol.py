@@ -156,6 +156,9 @@ class HttpProtocol(Protocol):
       have gone out. It also reads nothing while its send buffer is full (the requests
       already read wait unhandled until it has drained), so pipelined answers are never
       dropped for a full buffer.
+    * ``max_form_fields`` (1000): a form body (urlencoded, or multipart counting files)
+      with more fields than this gets 413, before the application sees it; 0 or None
+      turns the limit off.
     * ``upload_memory_limit`` (1 MiB held in memory per uploaded file before it goes
       to a temporary file), ``upload_dir`` (None: the system's temporary folder),
       ``file_chunk_size`` (128 KiB).
@@ -173,6 +176,7 @@ class HttpProtocol(Protocol):
     upload_memory_limit = 1024 * 1024
     upload_dir: str | None = None
     file_chunk_size = 128 * 1024
+    max_form_fields: int | None = 1000
     max_owed_answers = 32
 
     __slots__ = (
@@ -551,11 +555,20 @@ class HttpProtocol(Protocol):
             except ProtocolError as exc:
                 self._error = ProtocolError(str(exc), response=BAD_REQUEST)
                 raise self._error from None
+            limit = self.max_form_fields
+            if limit and len(multipart.fields) + len(multipart.files) > limit:
+                self._too_many_fields(limit)
             return
         if self._body is None:
             self._body = [body]
         else:
             self._body.append(body)
+
+    def _too_many_fields(self, limit: int) -> None:
+        """A form body with more than ``max_form_fields`` fields: 413 (parsing them all
+        would cost the worker time and memory out of proportion)."""
+        self._error = PackageTooLarge(f"form with more than {limit} fields", response=PAYLOAD_TOO_LARGE)
+        raise self._error
 
     def on_message_complete(self) -> None:
         request = self._request
@@ -566,6 +579,10 @@ class HttpProtocol(Protocol):
         if body is not None:
             request.body = body[0] if len(body) == 1 else b"".join(body)
             self._body = None
+            content_type = self._content_type
+            limit = self.max_form_fields
+            if limit and content_type is not None and content_type[:33].lower() == b"application/x-www-form-urlencoded" and request.body.count(b"&") >= limit:
+                self._too_many_fields(limit)
         if self._trailers is not None:
             request.raw_trailers = self._trailers
             self._trailers = None
