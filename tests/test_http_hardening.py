@@ -51,6 +51,8 @@ def on_message(conn, request):
         conn.send(Response("bye", headers={"connection": "close"}))
     elif path == "/form":
         conn.send(Response(json.dumps({"fields": len(request.form.items()), "files": len(request.files.items())}), content_type="application/json"))
+    elif path == "/upload-names":
+        conn.send(Response(json.dumps([[f.filename, f.safe_filename] for f in request.files.getall("f")]), content_type="application/json"))
     elif path == "/build":  # a response made from what the client sent
         q = request.query
         try:
@@ -475,3 +477,21 @@ def test_forms_with_more_than_max_form_fields_get_413(server):
     assert post(port, form_data, multipart(1001, 0))[0] == 413
     assert post(port, form_data, multipart(995, 6))[0] == 413
     wait_for(lambda: app.processes("web")[0]["package_too_large"] >= before + 4, what="413s counted")
+
+
+def test_uploaded_file_names_are_raw_and_safe_filename_is_a_plain_name(server):
+    app, port, folder = server
+    names = ["../../etc/passwd", "..\\..\\win.ini", "..", ".htaccess", "report 2024.pdf"]
+    body = b"".join(
+        b"--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"" + name.encode() + b"\"\r\n\r\ndata\r\n" for name in names
+    ) + b"--B--\r\n"
+    answer = exchange(port, b"POST /upload-names HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert json.loads(rest) == [
+        ["../../etc/passwd", "passwd"],
+        ["..\\..\\win.ini", "win.ini"],
+        ["..", "upload"],
+        [".htaccess", "htaccess"],
+        ["report 2024.pdf", "report 2024.pdf"],
+    ]

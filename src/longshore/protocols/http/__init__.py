@@ -10,7 +10,7 @@ from .protocol import HttpProtocol
 from .request import Headers, MultiDict, Request
 from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, format_cookie, safe_join
 from .session import FileSessionStore, RedisSessionStore, Session, SessionStore, configure_sessions
-from .uploads import UploadedFile
+from .uploads import UploadedFile, safe_filename
 
 __all__ = [
     "Chunk",
@@ -29,5 +29,6 @@ __all__ = [
     "UploadedFile",
     "configure_sessions",
     "format_cookie",
+    "safe_filename",
     "safe_join",
 ]

@@ -10,18 +10,43 @@ it is read, so an upload never sits in memory whole: a file part stays in memory
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import IO, Any
 
 from ...errors import ProtocolError
 
+#: Control characters, which have no place in a file name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_filename(name: str, default: str = "upload") -> str:
+    """A client's file name made fit to save under in a folder of yours: only its last
+    component (after any ``/`` or ``\\``), without control characters, surrounding
+    spaces or leading dots (no ``..``, no hidden file), at most 255 bytes in UTF-8 (the
+    extension kept); ``default`` when nothing is left.
+
+    It cannot leave the folder, but two uploads may still have the same name, and the
+    extension is the client's choice: check what you accept.
+    """
+    name = _CONTROL.sub("", name.replace("\\", "/").rsplit("/", 1)[-1]).strip().lstrip(".").strip()
+    if len(name.encode("utf-8")) > 255:
+        stem, extension = os.path.splitext(name)
+        if len(extension.encode("utf-8")) > 32:
+            stem, extension = name, ""
+        stem = stem.encode("utf-8")[: 255 - len(extension.encode("utf-8"))].decode("utf-8", "ignore")
+        name = stem + extension
+    return name or default
+
 
 class UploadedFile:
     """One uploaded file of a multipart request (``request.files["avatar"]``).
 
-    ``field_name``, ``filename`` (as the client named it), ``content_type``, ``size``,
-    ``file`` (a binary file object positioned at the start), ``path`` (the temporary
-    file on disk, or None while the upload is held in memory), ``read()``, ``save(dest)``.
+    ``field_name``, ``filename`` (exactly as the client named it: it may hold ``../``,
+    a full path or control characters, so never join it to a folder as it is; use
+    ``safe_filename``), ``content_type``, ``size``, ``file`` (a binary file object
+    positioned at the start), ``path`` (the temporary file on disk, or None while the
+    upload is held in memory), ``read()``, ``save(dest)``.
     """
 
     __slots__ = ("field_name", "filename", "content_type", "size", "file", "path", "_source")
@@ -36,6 +61,11 @@ class UploadedFile:
         self.file.seek(0)
         actual = None if source.in_memory else source.actual_file_name
         self.path = os.fsdecode(actual) if actual else None
+
+    @property
+    def safe_filename(self) -> str:
+        """:attr:`filename` reduced to a safe name in a folder (see :func:`safe_filename`)."""
+        return safe_filename(self.filename)
 
     @property
     def in_memory(self) -> bool:
