@@ -453,6 +453,8 @@ def test_pipelined_requests_behind_a_stalled_file_are_not_read_without_bound(ser
             sent += sock.send(block)
         except socket.timeout:
             pass
+        except OSError:  # the header timeout (1 s here) of a request cut by the last read
+            break  # struck: the connection closes after the file (tested elsewhere)
     stop.set()
     reader.join()
     parsed = counters(app)["total_request"] - before["total_request"]

@@ -104,9 +104,6 @@ def _tick() -> None:
             if protocol.connection.closed:
                 _waiting.pop(protocol, None)
             elif now - since >= protocol.header_timeout:
-                if protocol._input_paused or protocol._reading_stopped:
-                    _waiting[protocol] = now  # the clock stops while the server itself does not read
-                    continue
                 _waiting.pop(protocol, None)
                 protocol._headers_timed_out()
     if _open:
