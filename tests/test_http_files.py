@@ -21,6 +21,7 @@ SERVER = r'''
 from longshore.http import (Response, FileResponse, Chunk, EventStream, ServerSentEvent,
                             HttpProtocol, configure_sessions, FileSessionStore, RedisSessionStore)
 HttpProtocol.upload_memory_limit = 64 * 1024
+HttpProtocol.upload_dir = os.environ.get("UPLOAD_DIR")
 TcpConnection.default_max_package_size = 64 * 1024 * 1024
 APP_DIR = os.environ["APP_DIR"]
 if os.environ.get("REDIS_URL"):
@@ -30,6 +31,7 @@ else:
 
 web = Worker("http://127.0.0.1:0", name="web")
 streams = {}
+kept = []
 
 def on_message(conn, request):
     path = request.path
@@ -61,6 +63,9 @@ def on_message(conn, request):
             for name in request.files
         }
         conn.send(Response(json.dumps({"form": request.form.to_dict(), "files": files}), content_type="application/json"))
+    elif path == "/keep-upload":  # the application keeps the request (and its files)
+        kept.append(request)
+        conn.send(f"kept {request.files['f'].size}")
     elif path == "/session":
         return session_visit(conn, request)
     elif path.startswith("/session-files/"):
@@ -447,5 +452,35 @@ def test_graceful_stop_lets_a_request_body_still_arriving_finish(tmp_path):
         assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head, received
         assert json.loads(body)["form"] == {"a": "1", "b": "22"}
         assert stopper.wait(20) == 0
+    finally:
+        app.kill_everything()
+
+
+def test_upload_files_go_with_an_aborted_request_and_with_the_worker(tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    app, port = make_server(tmp_path, {"UPLOAD_DIR": str(uploads)})
+    try:
+        boundary = b"XyZbound"
+        body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="f"; filename="a.bin"\r\n\r\n'
+                + b"x" * 2_000_000 + b"\r\n--" + boundary + b"--\r\n")
+        def head(path: bytes) -> bytes:
+            return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=" + boundary
+                    + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        # the client goes away in the middle of the upload: its temporary file goes too
+        aborted = connect(port)
+        aborted.sendall(head(b"/upload") + body[:1_000_000])
+        wait_for(lambda: os.listdir(uploads), what="the upload on disk")
+        aborted.close()
+        wait_for(lambda: not os.listdir(uploads), timeout=3, what="the aborted upload's file removed")
+        # a request the application keeps: its file lives on, until the worker ends
+        kept = connect(port)
+        kept.sendall(head(b"/keep-upload") + body)
+        assert kept.recv(65536).endswith(b"kept 2000000")
+        kept.close()
+        time.sleep(0.3)
+        assert len(os.listdir(uploads)) == 1
+        app.cli("stop", timeout=30)
+        assert os.listdir(uploads) == []
     finally:
         app.kill_everything()

@@ -242,6 +242,9 @@ def run_worker_process(worker: Worker, worker_id: int, table: StatsTable, slot: 
         code = _WorkerProcess(worker, worker_id, table, slot, runtime, master_pid).run()
     except BaseException:
         log.exception("worker %s[%d] failed", worker.name, worker_id)
+    uploads = sys.modules.get("longshore.protocols.http.uploads")
+    if uploads is not None:  # os._exit runs no finalizers: remove the uploads' temporary files
+        uploads.remove_temporary_files()
     logs.flush_and_exit(code)
 
 

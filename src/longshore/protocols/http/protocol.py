@@ -312,6 +312,7 @@ class HttpProtocol(Protocol):
                 self._partial_size = len(data) - data.rfind(b"\n") - 1
             if self._partial_size > self.max_header_size:
                 return self._fail(ProtocolError("request trailers too large", response=HEADERS_TOO_LARGE), out)
+        self._out = _EMPTY  # the requests are the application's now
         return out
 
     def _fail(self, error: ProtocolError, out: list[Request]) -> list[Request]:
@@ -433,7 +434,7 @@ class HttpProtocol(Protocol):
         self._closing = True
         self._request = None
         self._body = None
-        self._multipart = None
+        self._drop_upload()
         self.connection._protocol_error(ProtocolError(f"no request body received for {self.body_timeout:g} s", response=REQUEST_TIMEOUT))
 
     # httptools callbacks
@@ -594,6 +595,7 @@ class HttpProtocol(Protocol):
             try:
                 multipart.finish()
             except ProtocolError as exc:
+                multipart.close()
                 self._error = ProtocolError(str(exc), response=BAD_REQUEST)
                 raise self._error from None
             from .request import MultiDict
@@ -978,6 +980,18 @@ class HttpProtocol(Protocol):
         self._continue_for = None
         self._deferred_error = None
         self._final_answer = None
+        # A request still arriving is never delivered: its uploads go now.
+        self._request = None
+        self._body = None
+        self._out = _EMPTY
+        self._drop_upload()
+
+    def _drop_upload(self) -> None:
+        """Close the files of a multipart body that will not be delivered (deleting those
+        already on disk)."""
+        multipart, self._multipart = self._multipart, None
+        if multipart is not None:
+            multipart.close()
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)

@@ -4,7 +4,8 @@ The protocol feeds each piece of a ``multipart/form-data`` body to the parser th
 it is read, so an upload never sits in memory whole: a file part stays in memory up to
 ``HttpProtocol.upload_memory_limit`` bytes and is then moved to a temporary file (in
 ``HttpProtocol.upload_dir``, or the system's temporary folder) that is deleted when the
-:class:`UploadedFile` is closed or garbage-collected.
+:class:`UploadedFile` is closed or garbage-collected, when the connection closes before
+the request is complete, and at the latest when the worker process ends.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import weakref
 from typing import IO, Any
 
 from ...errors import ProtocolError
@@ -92,32 +94,103 @@ class UploadedFile:
 
 
 class MultipartReader:
-    """Feeds a multipart body to python-multipart and collects its fields and files."""
+    """Feeds a multipart body to python-multipart's part parser and collects its fields
+    and files.
 
-    __slots__ = ("parser", "fields", "files")
+    It makes each part's :class:`File` or :class:`Field` itself, so it knows the file being
+    written at any moment: :meth:`close` (the connection closed before the body was
+    complete) closes every file of the request, deleting those on disk. Every upload's
+    file is also in a registry that :func:`remove_temporary_files` empties when the worker
+    process ends, so no temporary file outlives its worker.
+    """
+
+    __slots__ = ("parser", "fields", "files", "_config", "_headers", "_header_name", "_header_value", "_part", "_writer", "_is_file")
 
     def __init__(self, content_type: bytes, memory_limit: int, upload_dir: str | None) -> None:
-        from python_multipart.multipart import FormParser, parse_options_header
+        from python_multipart.multipart import MultipartParser, parse_options_header
 
-        media_type, options = parse_options_header(content_type)
+        _media_type, options = parse_options_header(content_type)
         boundary = options.get(b"boundary")
         if not boundary:
             raise ProtocolError("multipart body without a boundary")
         self.fields: list[tuple[str, Any]] = []
         self.files: list[tuple[str, Any]] = []
-        config: dict[str, Any] = {"MAX_MEMORY_FILE_SIZE": memory_limit}
-        if upload_dir is not None:
-            config["UPLOAD_DIR"] = upload_dir
-        self.parser = FormParser(media_type.decode("latin-1"), self._on_field, self._on_file, boundary=boundary, config=config)
+        self._config: dict[str, Any] = {"MAX_MEMORY_FILE_SIZE": memory_limit, "UPLOAD_DIR": upload_dir}
+        self._headers: dict[bytes, bytes] = {}
+        self._header_name: list[bytes] = []
+        self._header_value: list[bytes] = []
+        self._part: Any = None  # the File or Field being written
+        self._writer: Any = None  # the part, or a decoder in front of it
+        self._is_file = False
+        callbacks: Any = {
+            "on_part_begin": self._on_part_begin,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+        }
+        self.parser = MultipartParser(boundary, callbacks)
 
-    def _on_field(self, field: Any) -> None:
-        name = (field.field_name or b"").decode("utf-8", "replace")
-        value = field.value
-        self.fields.append((name, value.decode("utf-8", "replace") if value is not None else ""))
+    # python-multipart's callbacks
+    def _on_part_begin(self) -> None:
+        self._headers = {}
 
-    def _on_file(self, file: Any) -> None:
-        upload = UploadedFile(file)
-        self.files.append((upload.field_name, upload))
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name.append(data[start:end])
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value.append(data[start:end])
+
+    def _on_header_end(self) -> None:
+        self._headers[b"".join(self._header_name).lower()] = b"".join(self._header_value).strip(b" \t")
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        from python_multipart.decoders import Base64Decoder, QuotedPrintableDecoder
+        from python_multipart.multipart import Field, File, parse_options_header
+
+        headers = self._headers
+        _disposition, options = parse_options_header(headers.get(b"content-disposition"))
+        field_name = options.get(b"name")
+        if field_name is None:
+            raise ValueError("a part without a field name")
+        file_name = options.get(b"filename")
+        part_type = headers.get(b"content-type")
+        content_type = part_type.decode("latin-1") if part_type is not None else None
+        part: Any
+        if file_name is None:
+            part = Field(field_name, content_type=content_type)
+            self._is_file = False
+        else:
+            part = File(file_name, field_name, config=self._config, content_type=content_type)  # type: ignore[arg-type]
+            _live_files.add(part)
+            self._is_file = True
+        self._part = part
+        encoding = headers.get(b"content-transfer-encoding", b"7bit").lower()
+        if encoding == b"base64":
+            self._writer = Base64Decoder(part)
+        elif encoding == b"quoted-printable":
+            self._writer = QuotedPrintableDecoder(part)
+        else:
+            self._writer = part
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._writer.write(data[start:end])
+
+    def _on_part_end(self) -> None:
+        part, self._part = self._part, None
+        writer, self._writer = self._writer, None
+        writer.finalize()
+        if self._is_file:
+            upload = UploadedFile(part)
+            self.files.append((upload.field_name, upload))
+        else:
+            name = (part.field_name or b"").decode("utf-8", "replace")
+            value = part.value
+            self.fields.append((name, value.decode("utf-8", "replace") if value is not None else ""))
 
     def write(self, data: bytes) -> None:
         """Parse the next piece of the body."""
@@ -132,3 +205,29 @@ class MultipartReader:
             self.parser.finalize()
         except Exception as exc:
             raise ProtocolError(f"malformed multipart body: {exc}") from None
+        part, self._part = self._part, None
+        if part is not None and self._is_file:  # the body ended inside a file part: it is left out
+            part.close()
+
+    def close(self) -> None:
+        """The request will not be delivered: close its files (deleting those on disk)."""
+        part, self._part = self._part, None
+        self._writer = None
+        if part is not None and self._is_file:
+            part.close()
+        for _name, upload in self.files:
+            upload.close()
+
+
+#: Every upload's python-multipart File still alive in this process (weakly held).
+_live_files: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def remove_temporary_files() -> None:
+    """Close every upload file still open (a temporary file on disk is deleted): the worker
+    process ends, and requests the application still held take theirs with them."""
+    for file in list(_live_files):
+        try:
+            file.close()
+        except Exception:
+            pass
