@@ -356,7 +356,7 @@ class HttpProtocol(Protocol):
         if self._reading_stopped and not self._closing:
             self._reading_stopped = False
             if not connection._recv_paused and not connection._serial_paused:
-                connection.transport.resume_reading()
+                connection.transport.resume_reading()  # type: ignore[union-attr]
         if final is not None:  # a failed request's 500: the last answer on this connection
             connection._write_ignoring_limit(final)
             if error is not None:  # bytes after it were bad too: counted, without an answer of its own
@@ -902,7 +902,7 @@ class HttpProtocol(Protocol):
         connection = self.connection
         if not connection.closed:
             self._reading_stopped = True
-            connection.transport.pause_reading()
+            connection.transport.pause_reading()  # type: ignore[union-attr]
 
     def graceful_close(self) -> None:
         """The worker stops gracefully: close now if idle, else after the answer due."""
