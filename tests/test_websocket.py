@@ -158,6 +158,50 @@ def test_close_codes_and_reasons_given_by_the_application(app_factory):
     run(scenario())
 
 
+def test_a_client_still_sending_when_the_server_closes_gets_the_close_frame(app_factory):
+    app = app_factory(ECHO + "\nw.websocket_close_timeout = 1.0\n").start()
+    port = app.port()
+    # A raw client: "close-me", then a megabyte more in the same burst. The server reads
+    # on (dropping it) instead of closing a socket with data unread, which would reset it.
+    sock = handshake(port)
+    read_frame(sock)  # welcome
+    sock.sendall(frame(1, b"close-me") + frame(2, b"z" * 65536) * 16)
+    assert read_close(sock) == (4001, "as you wish")
+    sock.sendall(frame(8, (1000).to_bytes(2, "big") + b"ok"))  # the answer ends the wait at once
+    started = time.monotonic()
+    assert is_closed(sock)
+    assert time.monotonic() - started < 0.5
+    wait_for(lambda: app.read_json("results.json").get("closes"), what="the close recorded")
+    assert app.read_json("results.json")["closes"] == [[1000, "ok"]]  # the peer's answer
+
+    # A peer that never answers: the socket closes after close_timeout.
+    silent = handshake(port)
+    read_frame(silent)
+    silent.sendall(frame(1, b"close-me"))
+    assert read_close(silent)[0] == 4001
+    started = time.monotonic()
+    assert is_closed(silent)
+    assert 0.7 < time.monotonic() - started < 3
+
+    # The websockets client, sending as fast as it can, learns the code too.
+    async def flood():
+        async with ws_connect(f"ws://127.0.0.1:{port}/", compression=None, max_queue=None) as ws:
+            assert await ws.recv() == "welcome -"
+            try:
+                for i in range(5000):
+                    await ws.send("close-me" if i == 50 else "m" * 2000)
+                    if i % 100 == 0:
+                        await asyncio.sleep(0)
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as closed:
+                return closed.rcvd and closed.rcvd.code
+
+    started = time.monotonic()
+    assert run(flood()) == 4001
+    assert time.monotonic() - started < 3
+
+
 def test_handshake_refusals(app_factory):
     app = app_factory(ECHO).start()
     port, slow_port = app.port(0), app.port(1)
@@ -206,6 +250,7 @@ def test_bad_frames_close_with_the_right_code(app_factory):
 def small(worker):
     TcpConnection.default_max_package_size = 1000
 w.on_worker_start = small
+w.websocket_close_timeout = 0.5  # a frame declared 2**40 bytes long: the answer is taken for its payload
 """
     ).start()
     port = app.port()
@@ -236,6 +281,10 @@ w.on_worker_start = small
         assert read_frame(sock)[2].startswith(b"welcome")
         sock.sendall(data)
         assert read_close(sock)[0] == code, name
+        try:
+            sock.sendall(frame(8, b""))  # the answer a client gives: the server closes then
+        except OSError:
+            pass
         assert is_closed(sock), name
 
     # Control frames between fragments are answered; the message arrives whole.

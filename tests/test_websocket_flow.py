@@ -85,6 +85,7 @@ def test_heartbeat_pings_and_idle_timeout(app_factory):
 w = Worker("websocket://127.0.0.1:0", name="hb")
 w.websocket_ping_interval = 0.2
 w.websocket_idle_timeout = 1.0
+w.websocket_close_timeout = 0.3
 w.on_message = lambda conn, message: conn.send(message)
 """
     ).start()

@@ -18,9 +18,16 @@ from wsutil import frame
 class Recorder:
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class Settings:
@@ -289,3 +296,25 @@ def test_a_close_code_that_may_not_be_sent_is_refused_before_anything_changes():
     assert protocol.open and len(connection.transport.written) == written
     protocol.close(4999, "last")
     assert not protocol.open and connection.transport.written[-1] == b"\x88\x06" + (4999).to_bytes(2, "big") + b"last"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_after_a_too_large_frame_only_the_peers_close_frame_is_looked_for(data):
+    protocol, connection = opened()  # max_package_size 1000
+    big = frame(2, b"x" * 5000)
+    with pytest.raises(PackageTooLarge):
+        protocol.feed(big[:700])  # refused on its header; the rest of it is still coming
+    after = big[700:] + frame(1, b"dropped") + frame(9, b"not answered") + frame(2, b"y" * 70_000)
+    after += frame(8, (1000).to_bytes(2, "big") + b"bye") + frame(1, b"never read")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(after)), max_size=8)))
+    previous = 0
+    for cut in [*cuts, len(after)]:
+        protocol.drain(after[previous:cut])
+        previous = cut
+        if connection.transport.closed:
+            break
+    assert connection.transport.closed  # at the close frame, not before
+    assert previous >= len(after) - len(frame(1, b"never read"))
+    assert (protocol.close_code, protocol.close_reason) == (1000, "bye")
+    assert connection.sent == []  # no pong, nothing else sent

@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
 from .. import tasks
-from ..connection.tcp import ESTABLISHED, TcpConnection
+from ..connection.tcp import CLOSING, ESTABLISHED, TcpConnection
 from ..errors import CONNECT_FAIL, PackageTooLarge, ProtocolError
 from ..stats import process_stats as _stats
 from .base import Protocol
@@ -98,6 +98,9 @@ _OPEN = 2
 _CLOSED = 3
 
 _EMPTY: list[Any] = []
+
+#: While the worker stops, the longest wait for the peer's close frame (seconds).
+_STOP_LINGER = 0.5
 
 
 # -- frames ----------------------------------------------------------------------------
@@ -389,7 +392,10 @@ class WebSocketProtocol(Protocol):
     that worker): ``max_header_size`` (16 KiB handshake), ``ping_interval`` (25 s),
     ``idle_timeout`` (60 s), ``subprotocols`` (none), ``compression`` (True),
     ``compress_min_size`` (128 bytes), ``handshake_timeout`` (10 s: a connection that has
-    not completed its handshake by then gets a 408 and is closed).
+    not completed its handshake by then gets a 408 and is closed), ``close_timeout`` (2 s:
+    after sending its close frame the connection reads on, dropping data frames, until the
+    peer's close frame or the end of its stream, at most this long, and only then closes
+    the socket; None closes it at once).
     """
 
     scheme = "websocket"
@@ -402,6 +408,7 @@ class WebSocketProtocol(Protocol):
     compression: ClassVar[bool] = True
     compress_min_size: int = 128
     handshake_timeout: ClassVar[float] = 10.0
+    close_timeout: ClassVar[float | None] = 2.0
 
     __slots__ = (
         "_state",
@@ -415,6 +422,8 @@ class WebSocketProtocol(Protocol):
         "_deflate_window",
         "_inflater",
         "_close_sent",
+        "_linger",
+        "_skip",
         "_seen_read",
         "_idle_since",
         "_last_ping",
@@ -441,6 +450,10 @@ class WebSocketProtocol(Protocol):
         self._deflate_window = 0
         self._inflater: Any = None
         self._close_sent = False
+        #: After our close frame: the timer that ends the wait for the peer's, and how
+        #: many bytes of a data frame's payload are still to be dropped.
+        self._linger: asyncio.TimerHandle | None = None
+        self._skip = 0
         self._seen_read = 0
         self._idle_since = 0.0
         self._last_ping = 0.0
@@ -475,6 +488,9 @@ class WebSocketProtocol(Protocol):
     def connection_closed(self) -> None:
         self._state = _CLOSED
         _watched.pop(self, None)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     def _setting(self, name: str) -> Any:
         return getattr(self.connection.worker, "websocket_" + name, getattr(type(self), name))
@@ -587,6 +603,7 @@ class WebSocketProtocol(Protocol):
                     if first & 0x70 and ((first & 0x70) != 0x40 or not self._deflate_window):
                         raise _Fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
                 if length + self._fragment_size > limit:
+                    self._skip = max(0, position + head + length - size)  # the rest of it, dropped after the close
                     raise _Fail(CLOSE_TOO_BIG, f"message larger than max_package_size {limit}")
             end = position + head + length
             if end > size:
@@ -663,6 +680,7 @@ class WebSocketProtocol(Protocol):
 
     def _fail(self, failure: _Fail, out: list[Any]) -> list[Any]:
         self._state = _CLOSED
+        self._buffer = None  # what follows is only scanned for the peer's close frame
         response = None
         if not self._close_sent:
             self._close_sent = True
@@ -757,13 +775,127 @@ class WebSocketProtocol(Protocol):
         """
         if self._state == _OPEN:
             self.going_away()
-            _close_socket(self.connection)
+            self.connection.close()  # after the peer's close frame (see close_timeout)
         elif self._state == _HANDSHAKE or self._state == _DECIDING:
             self._going_away = True
 
     def going_away(self) -> None:
-        """The worker stops: an open connection gets a close frame with 1001 (going away)."""
+        """The worker stops: an open connection gets a close frame with 1001 (going away).
+
+        The wait for the peer's close frame is then at most ``_STOP_LINGER`` seconds, so
+        that a stop or a reload is not held up by peers that do not answer."""
+        self._going_away = True
         self.close(CLOSE_GOING_AWAY, "server going away" if not self.client else "going away")
+
+    # -- closing handshake -----------------------------------------------------------------
+    def linger(self) -> bool:
+        """Our close frame is sent: wait for the peer's before closing the socket.
+
+        Closing the socket while the peer still sends would make the kernel answer with a
+        reset, which can destroy our close frame before the peer reads it. So the
+        connection is closing (``closed`` is True, ``send()`` refuses) but reads on,
+        dropping data frames, until the peer's close frame, the end of its stream, or
+        ``close_timeout`` seconds. Returns False when there is nothing to wait for (the
+        caller closes the socket now).
+        """
+        connection: Any = self.connection
+        if self._linger is not None:
+            return True
+        if not self._close_sent or self.close_code is not None or connection._state is not ESTABLISHED or connection._got_eof:
+            return False
+        timeout = self._setting("close_timeout")
+        if not timeout or connection.transport is None:
+            return False
+        if self._going_away:
+            timeout = min(timeout, _STOP_LINGER)
+        connection._state = CLOSING
+        connection._flush_cork()
+        connection._held_messages = None
+        self._fragments = None
+        self._fragment_size = 0
+        self._linger = asyncio.get_running_loop().call_later(timeout, self._end_linger)
+        reader = _Lingering(connection)
+        connection.transport.set_protocol(reader)  # what arrives now goes to drain()
+        held, connection._held = connection._held, None
+        for data in held or ():  # read before the close but not handed on: the peer's close may be there
+            reader.data_received(data)
+        if self._linger is not None:
+            connection.transport.resume_reading()
+        return True
+
+    def drain(self, data: bytes) -> None:
+        """What the peer sends after our close frame: data frames are dropped, its close
+        frame (code and reason kept in ``close_code`` and ``close_reason``) ends the wait."""
+        skip = self._skip
+        if skip:
+            if len(data) <= skip:
+                self._skip = skip - len(data)
+                return
+            data = data[skip:]
+            self._skip = 0
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            data = buffer  # type: ignore[assignment]
+        size = len(data)
+        position = 0
+        while size - position >= 2:
+            first = data[position]
+            second = data[position + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if size - position < 4:
+                    break
+                length = (data[position + 2] << 8) | data[position + 3]
+                head = 4
+            elif length == 127:
+                if size - position < 10:
+                    break
+                length = int.from_bytes(data[position + 2 : position + 10], "big")
+                head = 10
+            if second & 0x80:
+                head += 4
+            end = position + head + length
+            if (first & 0x0F) == OP_CLOSE:
+                if length > 125:  # not a close frame worth waiting for
+                    self._end_linger()
+                    return
+                if end > size:
+                    break
+                payload = bytes(data[position + head : end])
+                if second & 0x80:
+                    payload = apply_mask(payload, data[position + head - 4 : position + head])
+                self._peer_closed(payload)
+                return
+            if end > size:  # a data frame not all here: drop what came, skip the rest
+                self._skip = end - size
+                position = size
+                break
+            position = end
+        self._buffer = bytearray(data[position:]) if position < size else None
+
+    def _peer_closed(self, payload: bytes) -> None:
+        """The peer's close frame came while lingering: keep its code, close the socket."""
+        if len(payload) >= 2:
+            code = int.from_bytes(payload[:2], "big")
+            if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999:
+                self.close_code = code
+                self.close_reason = payload[2:].decode(errors="replace")
+        elif not payload:
+            self.close_code = CLOSE_NO_STATUS
+        self._end_linger()
+
+    def _end_linger(self) -> None:
+        """The peer answered our close frame, ended its stream, or took too long: close."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self._skip = 0
+        self._buffer = None
+        transport = self.connection.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()  # what waits in the send buffer is written first
 
     # -- heartbeats ----------------------------------------------------------------------------
     def _heartbeat(self, now: float) -> None:
@@ -1008,6 +1140,11 @@ class WebSocketMethods:
         protocol = self._protocol
         if isinstance(protocol, WebSocketProtocol):
             protocol.close(code, reason)
+            if protocol.linger():  # the socket closes after the peer's close frame
+                cancel_reconnect = getattr(self, "cancel_reconnect", None)
+                if cancel_reconnect is not None:  # a client closed by the application
+                    cancel_reconnect()
+                return
         super().close()  # type: ignore[misc]
 
 
@@ -1083,6 +1220,38 @@ def _handshake_class(open_class: type) -> type:
         cls.__qualname__ = open_class.__qualname__
         _handshake_classes[open_class] = cls
     return cls
+
+
+class _Lingering(asyncio.Protocol):
+    """The transport's protocol while a WebSocket connection waits for the peer's close frame.
+
+    The connection is closing (``closed`` is True, ``send()`` refuses), so it reads
+    nothing itself; what arrives is handed to :meth:`WebSocketProtocol.drain`, and the
+    end of the connection goes back to it.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def data_received(self, data: bytes) -> None:
+        connection = self.connection
+        connection.bytes_read += len(data)
+        connection._protocol.drain(data)
+
+    def eof_received(self) -> bool | None:
+        self.connection._got_eof = True
+        return None  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_writing()
 
 
 def _adopt(connection: Any) -> None:
