@@ -944,7 +944,7 @@ class WebSocketProtocol(Protocol):
         if self._state == _DECIDING:
             # Kept for after the decision; reading stays paused until then (again, in
             # case the application resumed it), so what waits is at most one read.
-            self.connection.transport.pause_reading()
+            self.connection.transport.pause_reading()  # type: ignore[union-attr]
             return _EMPTY
         try:
             parsed = _take_head(buffer, HttpRequestParser, self._setting("max_header_size"))
@@ -1008,7 +1008,7 @@ class WebSocketProtocol(Protocol):
                 self._state = _DECIDING
                 # Nothing more is read until the decision: what the client sends
                 # meanwhile waits in the socket, not in memory.
-                self.connection.transport.pause_reading()
+                self.connection.transport.pause_reading()  # type: ignore[union-attr]
                 # A task of longshore.tasks: referenced until done, its failure logged and
                 # counted, and cancelled when the worker stops.
                 connection = self.connection
