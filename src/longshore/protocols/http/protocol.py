@@ -553,9 +553,9 @@ class HttpProtocol(Protocol):
             except ProtocolError as exc:
                 self._error = ProtocolError(str(exc), response=BAD_REQUEST)
                 raise self._error from None
-            limit = self.max_form_fields
-            if limit and len(multipart.fields) + len(multipart.files) > limit:
-                self._too_many_fields(limit)
+            field_limit = self.max_form_fields
+            if field_limit and len(multipart.fields) + len(multipart.files) > field_limit:
+                self._too_many_fields(field_limit)
             return
         if self._body is None:
             self._body = [body]
