@@ -215,6 +215,23 @@ def read_lines(sock: socket.socket, count: int, timeout: float = 5.0) -> list[st
     return data.decode().split("\n")[:count]
 
 
+def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``payload``, read until the server closes."""
+    sock = connect(port, timeout)
+    sock.sendall(payload)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    sock.close()
+    return data
+
+
 def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
     """True if the peer closed (EOF or reset) within ``timeout``."""
     sock.settimeout(timeout)

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import App, connect, is_closed, wait_for
+from conftest import App, connect, is_closed, raw_exchange, wait_for
 from wsutil import frame, handshake, read_frame
 from longshore.errors import PackageTooLarge, ProtocolError
 from longshore.protocols.http import HttpProtocol
@@ -147,23 +147,6 @@ def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, dic
         rest += chunk
     _leftovers[id(sock)] = rest[length:]
     return lines[0], headers, rest[:length]
-
-
-def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``payload``, read until the server closes."""
-    sock = connect(port, timeout)
-    sock.sendall(payload)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except (socket.timeout, ConnectionResetError):
-        pass
-    sock.close()
-    return data
 
 
 def counters(app: App) -> dict:

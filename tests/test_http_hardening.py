@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import App, connect, wait_for
+from conftest import App, connect, raw_exchange, wait_for
 
 SERVER = r'''
 from longshore.http import Response, FileResponse, HttpProtocol, Chunk
@@ -105,26 +105,9 @@ def server(tmp_path_factory):
     app.kill_everything()
 
 
-def exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``payload``, read until the server closes (or goes quiet)."""
-    sock = connect(port, timeout)
-    sock.sendall(payload)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except (socket.timeout, ConnectionResetError):
-        pass
-    sock.close()
-    return data
-
-
 def get(port: int, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
     """One request with ``Connection: close``: (status, body)."""
-    answer = exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
+    answer = raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
 
@@ -200,7 +183,7 @@ def split_responses(data: bytes) -> list[tuple[bytes, bytes]]:
 
 def test_trailers_stay_apart_from_the_headers(server):
     app, port, folder = server
-    answers = split_responses(exchange(
+    answers = split_responses(raw_exchange(
         port,
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nCookie: a=1\r\n\r\n"
         b"3\r\nabc\r\n0\r\n"
@@ -223,7 +206,7 @@ def test_trailers_stay_apart_from_the_headers(server):
     assert answer["path"] == "/echo/next" and answer["trailers"] == []
     # a trailer 'Connection: close': the answer goes, then the connection closes (what
     # follows is not taken for a request)
-    answers = split_responses(exchange(
+    answers = split_responses(raw_exchange(
         port,
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nConnection: close\r\n\r\n"
         b"GET /echo/next HTTP/1.1\r\nHost: y\r\n\r\n",
@@ -231,7 +214,7 @@ def test_trailers_stay_apart_from_the_headers(server):
     assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answers[0][0]
     assert json.loads(answers[0][1])["trailers"] == [["Connection", "close"]]
     # a Content-Length trailer is refused by the parser (400), not taken for a body size (413)
-    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nContent-Length: 99999999999\r\n\r\n")
+    answer = raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nContent-Length: 99999999999\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
 
 
@@ -261,12 +244,12 @@ def test_trailers_over_max_header_size_get_431(server):
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     # many small trailer fields, all at once
     many = b"".join(b"X-F%d: %s\r\n" % (index, b"b" * 100) for index in range(300))
-    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n" + many + b"\r\n")
+    answer = raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n" + many + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     wait_for(lambda: app.processes("web")[0]["protocol_error"] >= before + 2, what="431s counted")
     # a body of many small chunks is no trailer: it is served
     chunks = b"".join(b"1\r\n%c\r\n" % (97 + index % 26) for index in range(20000))
-    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nX-Checksum: 7\r\n\r\n")
+    answer = raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nX-Checksum: 7\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert len(json.loads(body)["body"]) == 20000 and json.loads(body)["trailer_x"] == "7"
@@ -300,7 +283,7 @@ def test_line_breaks_and_bad_names_are_refused_when_the_response_is_made(server,
     from urllib.parse import urlencode
 
     app, port, folder = server
-    answer = exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = raw_exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 500 "), answer
     assert b"X-Refused: ValueError" in head and body == b"refused"
@@ -317,7 +300,7 @@ def test_safe_values_are_sent_as_given(server):
         ("name", "X-Custom_Name.1", b"\r\nX-Custom_Name.1: 1\r\n"),
         ("cookie_value", "a b;c\r\nd", b"\r\nSet-Cookie: c=a%20b%3Bc%0D%0Ad; Path=/; SameSite=Lax\r\n"),
     ]:
-        answer = exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = raw_exchange(port, b"GET /build?" + urlencode({"kind": kind, "x": value}).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert expected in answer and answer.endswith(b"\r\n\r\nbuilt"), (kind, answer)
 
 
@@ -353,7 +336,7 @@ def test_framing_headers_set_by_the_application_are_left_out(server):
     assert header_lines(answers[1][0], b"connection") == []  # the application's keep-alive is not sent
     assert header_lines(answers[3][0], b"connection") == [b"Connection: close"]  # only ours
     # a chunked response: one Transfer-Encoding, no Content-Length
-    answer = exchange(port, b"GET /relay-chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = raw_exchange(port, b"GET /relay-chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert header_lines(head, b"transfer-encoding") == [b"Transfer-Encoding: chunked"], head
     assert header_lines(head, b"content-length") == [] and body == b"6\r\npart1;\r\n5\r\npart2\r\n0\r\n\r\n"
@@ -399,16 +382,16 @@ def test_a_transfer_coding_other_than_chunked_gets_501(server):
     app, port, folder = server
     before = app.processes("web")[0]["protocol_error"]
     for coding in (b"gzip, chunked", b"deflate,chunked", b"x-custom , chunked"):
-        answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 501 ") and answer.count(b"HTTP/1.1") == 1, (coding, answer)
     wait_for(lambda: app.processes("web")[0]["protocol_error"] >= before + 3, what="501s counted")
-    answer = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  Chunked \r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    answer = raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  Chunked \r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ") and json.loads(answer.partition(b"\r\n\r\n")[2])["body"] == "abc"
 
 
 def test_http_1_0_with_transfer_encoding_is_answered_then_closed(server):
     app, port, folder = server
-    answer = exchange(
+    answer = raw_exchange(
         port,
         b"POST /echo HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
         b"GET /echo/smuggled HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
@@ -419,7 +402,7 @@ def test_http_1_0_with_transfer_encoding_is_answered_then_closed(server):
     assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
     assert json.loads(body)["body"] == "abc" and json.loads(body)["keep_alive"] is False
     # without Transfer-Encoding, HTTP/1.0 keep-alive still works
-    answer = exchange(port, b"GET /echo/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo/2 HTTP/1.0\r\n\r\n")
+    answer = raw_exchange(port, b"GET /echo/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo/2 HTTP/1.0\r\n\r\n")
     assert [json.loads(body)["path"] for _, body in split_responses(answer)] == ["/echo/1", "/echo/2"]
 
 
@@ -452,7 +435,7 @@ def test_expect_100_continue_is_ignored_on_http_1_0(server):
 
 
 def post(port: int, content_type: bytes, body: bytes) -> tuple[int, bytes]:
-    answer = exchange(port, b"POST /form HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: " + content_type + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    answer = raw_exchange(port, b"POST /form HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: " + content_type + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     head, _, rest = answer.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), rest
 
@@ -485,7 +468,7 @@ def test_uploaded_file_names_are_raw_and_safe_filename_is_a_plain_name(server):
     body = b"".join(
         b"--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"" + name.encode() + b"\"\r\n\r\ndata\r\n" for name in names
     ) + b"--B--\r\n"
-    answer = exchange(port, b"POST /upload-names HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    answer = raw_exchange(port, b"POST /upload-names HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert json.loads(rest) == [
