@@ -66,6 +66,10 @@ def on_message(conn, request):
         conn.send(Chunk(b"tail"))  # the send buffer is full: dropped
         conn.send(Chunk(b""))
         return None
+    if path == "/chunks-then-raise":  # a chunked answer started, never ended
+        conn.send(Response("first;", chunked=True))
+        conn.send(Chunk(b"second;"))
+        raise RuntimeError("failing amid a chunked answer")
     return answer(conn, request)
 
 async def answer(conn, request):
@@ -75,6 +79,11 @@ async def answer(conn, request):
     elif path == "/raise-later":
         await asyncio.sleep(0.05)
         raise RuntimeError("failing before any answer")
+    elif path == "/chunks-then-raise-later":
+        conn.send(Response("first;", chunked=True))
+        await asyncio.sleep(0.05)
+        conn.send(Chunk(b"second;"))
+        raise RuntimeError("failing amid a chunked answer")
     elif path == "/bytes":
         conn.send(b"raw bytes")
     elif path == "/echo":
@@ -404,6 +413,35 @@ def test_a_failing_handler_gets_a_500_in_its_place_and_the_connection_closes(ser
         assert len(data.partition(b"\r\n\r\n")[2]) > BIG_FILE_SIZE  # whole, then the 500
     error = data[data.index(b"HTTP/1.1 500") :]
     assert b"Connection: close\r\n" in error and error.endswith(b"\r\n\r\n500 Internal Server Error\n")
+    assert counters(app)["protocol_error"] == before["protocol_error"]
+    assert httpx.get(base(port)).text == "hello"  # the worker goes on
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [
+        # the handler raises amid its chunked answer: at once, in a coroutine, and with
+        # that answer held behind a file still going out (its chunks go out after it)
+        [b"GET /chunks-then-raise", b"GET /"],
+        [b"GET /chunks-then-raise-later", b"GET /"],
+        [b"GET /file", b"GET /chunks-then-raise", b"GET /"],
+    ],
+)
+def test_a_handler_failing_amid_its_chunked_answer_cuts_it_short_and_closes(server, requests):
+    app, port = server
+    before = counters(app)
+    sock = connect(port, rcvbuf=64 * 1024)
+    sock.sendall(b"".join(line + b" HTTP/1.1\r\nHost: x\r\n\r\n" for line in requests))
+    time.sleep(0.3)  # the file, when there is one, is far from written out
+    started = time.monotonic()
+    data = read_to_end(sock, timeout=5)  # the server closes
+    assert time.monotonic() - started < 3
+    assert [line.split()[1] for line in _answers(data)] == [b"200"] * (len(requests) - 1), data[:300]
+    if requests[0] == b"GET /file":
+        assert len(data.partition(b"\r\n\r\n")[2]) > BIG_FILE_SIZE  # whole, then the cut answer
+    cut = data[data.rindex(b"HTTP/1.1 200") :]
+    assert b"Transfer-Encoding: chunked\r\n" in cut
+    assert cut.endswith(b"\r\n\r\n6\r\nfirst;\r\n7\r\nsecond;\r\n")  # no last chunk
     assert counters(app)["protocol_error"] == before["protocol_error"]
     assert httpx.get(base(port)).text == "hello"  # the worker goes on
 

@@ -85,6 +85,7 @@ _STREAM_CHUNKED = "chunked"  # Chunk objects, framed as HTTP chunks
 _STREAM_UNFRAMED = "unframed"  # Chunk objects to an HTTP/1.0 client: raw, the end closes
 _STREAM_DISCARD = "discard"  # Chunk objects after a HEAD request: nothing is sent
 _STREAM_EVENTS = "events"  # Server-Sent Events until the connection closes
+_ABANDONED = object()  # held after a failed handler's unfinished stream: close there
 
 # -- the once-a-second tick: the Date header, late headers, slow bodies, idle keep-alive --
 _date_line = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
@@ -195,6 +196,7 @@ class HttpProtocol(Protocol):
         "_closing",
         "_error",
         "_stream",
+        "_stream_request",
         "_held",
         "_paused",
         "_stream_close_after",
@@ -231,6 +233,7 @@ class HttpProtocol(Protocol):
         self._closing = False
         self._error: ProtocolError | None = None
         self._stream: Any = None
+        self._stream_request: Request | None = None  # whose chunked answer the stream is
         self._held: list[tuple[Any, Request | None]] | None = None
         self._paused = False
         self._stream_close_after = False
@@ -688,6 +691,7 @@ class HttpProtocol(Protocol):
                 extra.append(_CHUNKED)
             head = response.head_bytes(b"".join(extra)) + b"\r\n"
             self._stream = stream
+            self._stream_request = request
             self._stream_close_after = not keep_alive
             if response.body:
                 head += self._encode_in_stream(Chunk(response.body))
@@ -734,6 +738,7 @@ class HttpProtocol(Protocol):
 
     def _end_stream(self, close_after: bool) -> None:
         self._stream = None
+        self._stream_request = None
         loop = asyncio.get_running_loop()
         if close_after:
             self._closing = True
@@ -750,6 +755,11 @@ class HttpProtocol(Protocol):
             if self._paused:
                 return  # the send buffer is full: send_buffer_drained() goes on
             message, request = held[0]
+            if message is _ABANDONED:  # a failed handler's stream, unfinished, went out
+                held.clear()
+                self._closing = True
+                connection.close()
+                return
             stream = self._stream
             cls = type(message)
             if cls is Chunk or cls is ServerSentEvent:
@@ -936,11 +946,15 @@ class HttpProtocol(Protocol):
         still owed to the requests before it, which go out whole first. The requests
         after it get no answer (their handlers are not called while the connection waits
         for its turn; clients send such requests again), and the connection closes after
-        the 500. A request that had been answered before its handler raised is left be.
+        the 500. A request that had been answered before its handler raised is left be,
+        unless its answer is a chunked body not ended yet (:meth:`_abandon_stream`).
         """
         connection = self.connection
         pending = self._pending
-        if connection.closed or not any(request is message for request in pending):
+        if connection.closed:
+            return
+        if not any(request is message for request in pending):
+            self._abandon_stream(message)
             return
         self._closing = True
         while pending.pop() is not message:
@@ -951,6 +965,39 @@ class HttpProtocol(Protocol):
         self._final_answer = INTERNAL_ERROR
         self._turn_waits = True
         self._turn_came()
+
+    def _abandon_stream(self, message: Any) -> None:
+        """The handler of ``message`` raised after it started a chunked answer, and never
+        sent its end (``Chunk(b"")``), so nothing would ever end it: the connection closes
+        after what was sent of it (its chunks still held behind an earlier stream go out
+        first). No last chunk is sent: the client sees a body cut short, not a whole one.
+        The requests after it get no answer."""
+        stream = self._stream
+        if message is self._stream_request and stream.__class__ is str and stream is not _STREAM_EVENTS:
+            self._closing = True
+            self.connection.close()
+            return
+        held = self._held
+        if not held:
+            return
+        for index, (answer, request) in enumerate(held):
+            if request is message:
+                if isinstance(answer, Response) and answer.chunked and not isinstance(answer, (FileResponse, EventStream)):
+                    break
+                return  # an answer that ends by itself
+        else:
+            return
+        end = index + 1
+        while end < len(held) and type(held[end][0]) is Chunk:
+            if not held[end][0].data:
+                return  # it was ended before the handler raised
+            end += 1
+        del held[end:]
+        held.append((_ABANDONED, None))
+        self._closing = True
+        self._pending.clear()  # the requests after it: never answered
+        if not self.connection._recv_paused:
+            self.connection.pause_recv()
 
     def _last_held_closes(self) -> bool:
         """Make the last answer held behind the running stream close the connection (its
@@ -974,6 +1021,7 @@ class HttpProtocol(Protocol):
         if stream is not None and stream.__class__ is _FilePump:
             stream.file.close()
         self._stream = None
+        self._stream_request = None
         self._held = None
         self._pending.clear()
         self._turn_waits = False
