@@ -653,3 +653,54 @@ w.on_worker_start = start
         listener.close()
         for sock, _ in accepted:
             sock.close()
+
+
+def test_our_client_backs_off_longer_and_longer_while_the_server_refuses_its_handshake(app_factory):
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("websocket://127.0.0.1:0", name="ws")
+handshakes = []
+
+def on_websocket_connect(conn, request):
+    handshakes.append(request.path)
+    return 403 if len(handshakes) <= 3 else None  # the fourth attempt gets in
+
+w.on_websocket_connect = on_websocket_connect
+
+AsyncTcpConnection.reconnect_min_delay = 0.1
+client = Worker(None, name="client")
+results.update(closes=[], attempts=[], connected=[])
+
+def on_error(conn, code, message):
+    results["attempts"].append([code, conn.reconnect_attempts])
+    save()
+
+def on_close(conn):
+    results["closes"].append(time.monotonic())
+    save()
+    if not results["connected"]:
+        conn.reconnect()
+
+def on_connect(conn):
+    results["connected"].append(conn.reconnect_attempts)
+    save()
+    conn.close()  # closed by the application: no reconnect
+
+def start(worker):
+    global RESULTS  # this process records into a file of its own
+    RESULTS = os.path.join(os.environ["APP_DIR"], "client.json")
+    conn = AsyncTcpConnection(w.bound_listen.replace("websocket://", "ws://") + "/refused")
+    conn.on_connect, conn.on_error, conn.on_close = on_connect, on_error, on_close
+    conn.connect()
+
+client.on_worker_start = start
+"""
+    ).start()
+    results = wait_for(lambda: (r := app.read_json("client.json")) and r["connected"] and len(r["closes"]) == 4 and r, what="four attempts", timeout=10)
+    assert results["attempts"] == [[1, 1], [1, 2], [1, 3]]  # CONNECT_FAIL, and the attempts count up
+    assert results["connected"] == [0]  # an accepted handshake starts the count over
+    closes = results["closes"]
+    gaps = [later - earlier for earlier, later in zip(closes, closes[1:])]
+    # 0.2, 0.4, 0.8 s give or take 10 %: each wait clearly longer than the one before.
+    assert gaps[0] > 0.15 and gaps[1] > gaps[0] * 1.5 and gaps[2] > gaps[1] * 1.5, gaps

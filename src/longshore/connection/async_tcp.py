@@ -71,7 +71,8 @@ class AsyncTcpConnection(TcpConnection):
     )
 
     #: ``reconnect()`` without a delay waits ``reconnect_min_delay * 2 ** attempts``
-    #: seconds (attempts since the last established connection), at most
+    #: seconds (attempts since the last established connection: for ``ws://``, since the
+    #: last handshake the server accepted), at most
     #: ``reconnect_max_delay``, give or take 10 % so that many clients do not come back at once.
     reconnect_min_delay = 0.5
     reconnect_max_delay = 30.0
@@ -200,7 +201,10 @@ class AsyncTcpConnection(TcpConnection):
             transport.close()
             return
         self._was_full, self._buffer_full = self._was_full or self._buffer_full, False
-        self.reconnect_attempts = 0
+        if not getattr(self._protocol, "connects_after_handshake", False):
+            # Established. A protocol with a handshake of its own (ws://) says so once the
+            # server has accepted it: until then the attempt may still fail.
+            self.reconnect_attempts = 0
         super().connection_made(transport)
 
     def _established(self) -> None:

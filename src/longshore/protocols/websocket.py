@@ -1326,6 +1326,9 @@ class WebSocketClientProtocol(WebSocketProtocol):
     client = True
     ping_interval = None
     idle_timeout = None
+    #: The connection counts as established (``reconnect_attempts`` starts over) only
+    #: once the server accepts the handshake, not when the TCP connection is made.
+    connects_after_handshake: ClassVar[bool] = True
 
     __slots__ = ("_key",)
 
@@ -1348,6 +1351,17 @@ class WebSocketClientProtocol(WebSocketProtocol):
         connection.bytes_written += len(request)
         _watch_handshake(self)  # the answer is awaited for handshake_timeout seconds
         return False
+
+    def connection_closed(self) -> None:
+        if self._state == _HANDSHAKE:  # the connection ended before the server answered
+            self._attempt_failed()
+        super().connection_closed()
+
+    def _attempt_failed(self) -> None:
+        """The handshake failed: one more attempt for the reconnect backoff."""
+        connection: Any = self.connection
+        if hasattr(connection, "reconnect_attempts"):
+            connection.reconnect_attempts += 1
 
     def _handshake_expired(self) -> None:
         self._refused(f"no answer to the handshake within {self._setting('handshake_timeout')} s")
@@ -1411,6 +1425,8 @@ class WebSocketClientProtocol(WebSocketProtocol):
         self.compress_min_size = self._setting("compress_min_size")
         self._state = _OPEN
         connection = self.connection
+        if hasattr(connection, "reconnect_attempts"):
+            connection.reconnect_attempts = 0  # established: the reconnect backoff starts over
         held = self._release_held(connection)
         if held:
             self._write(held)
@@ -1425,6 +1441,7 @@ class WebSocketClientProtocol(WebSocketProtocol):
         self._held = None
         self._held_size = 0
         connection: Any = self.connection
+        self._attempt_failed()
         _stats.connect_fail += 1
         connection._emit_error(CONNECT_FAIL, f"websocket handshake with {connection.remote_url} failed: {message}")
         _close_socket(connection)
