@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -453,6 +454,7 @@ w.on_message = lambda conn, line: conn.send(line)
 """
     ).start()
     before = {p["pid"] for p in app.wait_running(2)}
+    assert "last reload" not in app.cli("status").stdout  # none yet
     (app.folder / "broken").touch()
     result = app.cli("reload", "-g", check=False)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -461,11 +463,14 @@ w.on_message = lambda conn, line: conn.send(line)
     assert {p["pid"] for p in app.wait_running(2)} == before  # the old workers keep serving
     last = app.status()["master"]["last_reload"]
     assert last["result"] == "abandoned" and "exit code 3" in last["reason"]
+    text = app.cli("status").stdout
+    assert re.search(r"last reload: abandoned \(the new worker fragile\[0\] exited \(exit code 3\) before serving[^)]*\) \d+s ago", text), text
 
     (app.folder / "broken").unlink()
     result = app.cli("reload", "-g")
     assert "reloaded (2 new worker process(es))" in result.stdout
     assert app.status()["master"]["last_reload"]["result"] == "done"
+    assert re.search(r"last reload: done \d+s ago\n", app.cli("status").stdout)
     assert not before & {p["pid"] for p in app.wait_running(2)}
 
 

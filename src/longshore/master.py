@@ -742,11 +742,11 @@ class Master:
     def reload(self, graceful: bool) -> None:
         number = (self.last_reload or {}).get("id", 0) + 1
         if self.state != RUNNING:
-            self.last_reload = {"id": number, "result": "abandoned", "reason": "the master is stopping"}
+            self.last_reload = {"id": number, "result": "abandoned", "reason": "the master is stopping", "at": time.time()}
             self.header_dirty = True
             return
         log.info("master pid %d: %s reload", os.getpid(), "graceful" if graceful else "quick")
-        self.last_reload = {"id": number, "result": "running", "reason": None}
+        self.last_reload = {"id": number, "result": "running", "reason": None, "at": time.time()}
         self.call_master_hook("on_master_reload")
         queue: collections.deque[tuple[int, int]] = collections.deque()
         for key, pid in sorted(self.assigned.items()):
@@ -837,7 +837,7 @@ class Master:
         """Every process of the reload has been replaced."""
         log.info("reload done")
         if self.last_reload is not None:
-            self.last_reload.update(result="done", reason=None)
+            self.last_reload.update(result="done", reason=None, at=time.time())
         self.header_dirty = True
 
     def abandon_reload(self, reason: str) -> None:
@@ -846,7 +846,7 @@ class Master:
         self.reload_step = None
         self.reload_queue.clear()
         if self.last_reload is not None:
-            self.last_reload.update(result="abandoned", reason=reason)
+            self.last_reload.update(result="abandoned", reason=reason, at=time.time())
         self.header_dirty = True
 
     # -- hooks and the status header ---------------------------------------------------

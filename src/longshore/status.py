@@ -122,6 +122,7 @@ def render_status(document: dict[str, Any]) -> Group:
         f"started {started}, up {human_duration(master.get('uptime', 0))}, state {master.get('state', '?')}",
         (" (reloading)" if master.get("reloading") else ""),
         f", master memory {human_bytes(master.get('memory', 0))}",
+        _last_reload_line(master.get("last_reload")),
         (f"\nstatus page http://{master['metrics_listen']}/  metrics http://{master['metrics_listen']}/metrics" if master.get("metrics_listen") else ""),
     )
     table = Table(box=box.SIMPLE_HEAD, show_footer=True, pad_edge=False)
@@ -177,6 +178,20 @@ def render_status(document: dict[str, Any]) -> Group:
             exits.add_row(row["name"], row["status"], str(row["count"]))
         parts.append(exits)
     return Group(*parts)
+
+
+def _last_reload_line(last: dict[str, Any] | None) -> str:
+    """``last reload: done 12s ago`` (``abandoned (why) ...``, ``running, started ...``), or nothing when
+    the master has not been asked to reload."""
+    if not last:
+        return ""
+    line = f"\nlast reload: {last.get('result', '?')}"
+    if last.get("reason"):
+        line += f" ({last['reason']})"
+    if last.get("at"):  # when it ended (when it started, while it runs)
+        ago = human_duration(max(0.0, time.time() - last["at"]))
+        line += f", started {ago} ago" if last.get("result") == "running" else f" {ago} ago"
+    return line
 
 
 def _channel_cell(counters: dict[str, int]) -> str:
