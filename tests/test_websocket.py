@@ -55,6 +55,8 @@ def on_message(conn, message):
         conn.send(type(message).__name__ + ":" + str(conn.websocket.compressed))
     elif message == "close-long":
         conn.close(code=4002, reason="é" * 100)
+    elif message == "websocket-close":
+        conn.websocket.close(4002, "bye")  # the protocol object's close: the same closing handshake
     elif isinstance(message, str) and message.startswith("close-code "):
         try:
             conn.close(code=int(message[11:]))
@@ -156,6 +158,28 @@ def test_close_codes_and_reasons_given_by_the_application(app_factory):
             assert closed.value.rcvd.code == 4002 and closed.value.rcvd.reason == "é" * 61
 
     run(scenario())
+
+
+def test_closing_through_conn_websocket_is_the_whole_closing_handshake(app_factory):
+    app = app_factory(ECHO).start()
+    port = app.port()
+
+    async def scenario():
+        async with ws_connect(f"ws://127.0.0.1:{port}/", compression=None, close_timeout=5) as ws:
+            assert await ws.recv() == "welcome -"
+            await ws.send("websocket-close")
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd.code == 4002 and closed.value.rcvd.reason == "bye"
+            await ws.wait_closed()
+            # The server closed the TCP connection once our close frame came, rather than
+            # leaving it open until our close_timeout.
+            assert time.monotonic() - started < 2
+
+    run(scenario())
+    # The server read the answer to its close frame.
+    wait_for(lambda: [4002, "bye"] in app.read_json("results.json").get("closes", []), what="the close answer read")
 
 
 def test_a_client_still_sending_when_the_server_closes_gets_the_close_frame(app_factory):

@@ -24,7 +24,8 @@ The opening handshake is parsed by ``httptools`` and handed to the application a
 
 A WebSocket connection also has ``conn.ping(data=b"")``, ``conn.close(code=1000,
 reason="")`` (which sends a close frame first), and ``conn.websocket`` (this protocol
-object: ``request``, ``subprotocol``, ``close_code``, ``close_reason``, ``compressed``).
+object: ``request``, ``subprotocol``, ``close_code``, ``close_reason``, ``compressed``,
+and ``close(code, reason)``, the same as ``conn.close(code=code, reason=reason)``).
 
 Bad input closes the connection with a close frame and ``on_error``: 1002 for a protocol
 error (an unmasked client frame, a bad opcode, reserved bits, a control frame that is
@@ -755,10 +756,20 @@ class WebSocketProtocol(Protocol):
         return self._send_control(OP_PING, bytes(data[:125]))
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Write a close frame (unless one was sent); ``conn.close()`` then closes the socket.
+        """Close with ``code`` and ``reason``: the same as ``conn.close(code=code, reason=reason)``.
 
-        Raises ValueError for a code that may not be sent (see :func:`check_close_code`)."""
+        A close frame, then the wait for the peer's (see ``close_timeout``), then the
+        socket closes. Raises ValueError, before anything is sent, for a code that may
+        not be sent (see :func:`check_close_code`)."""
+        connection = self.connection
+        if isinstance(connection, WebSocketMethods):
+            connection.close(code=code, reason=reason)
+            return
         check_close_code(code)
+        self._send_close(code, reason)  # a connection without a closing handshake of its own
+
+    def _send_close(self, code: int, reason: str) -> None:
+        """Write a close frame (unless one was sent); the connection then closes the socket."""
         if not self._close_sent and self._state == _OPEN:
             self._close_sent = True
             self._state = _CLOSED
@@ -785,7 +796,7 @@ class WebSocketProtocol(Protocol):
         The wait for the peer's close frame is then at most ``_STOP_LINGER`` seconds, so
         that a stop or a reload is not held up by peers that do not answer."""
         self._going_away = True
-        self.close(CLOSE_GOING_AWAY, "server going away" if not self.client else "going away")
+        self._send_close(CLOSE_GOING_AWAY, "server going away" if not self.client else "going away")
 
     # -- closing handshake -----------------------------------------------------------------
     def linger(self) -> bool:
@@ -1139,7 +1150,7 @@ class WebSocketMethods:
             self.send(data, raw)  # type: ignore[attr-defined]
         protocol = self._protocol
         if isinstance(protocol, WebSocketProtocol):
-            protocol.close(code, reason)
+            protocol._send_close(code, reason)
             if protocol.linger():  # the socket closes after the peer's close frame
                 cancel_reconnect = getattr(self, "cancel_reconnect", None)
                 if cancel_reconnect is not None:  # a client closed by the application
