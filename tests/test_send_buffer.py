@@ -248,7 +248,8 @@ w.on_error = on_error
     # A client that resets while the server still has data for it.
     sock = connect(port, rcvbuf=4096)
     sock.sendall(b"go")
-    time.sleep(0.3)
+    assert sock.recv(1) == b"x"  # the server is sending (3 MB: most of it still waits)
+    time.sleep(0.1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
     # A client that resets with nothing waiting loses nothing of ours: not a send_fail.
