@@ -234,7 +234,7 @@ def test_peer_that_resets_with_data_waiting_counts_send_fail(app_factory):
 w = Worker("tcp://127.0.0.1:0", name="reset")
 
 def on_message(conn, data):
-    conn.send(b"x" * 3_000_000)
+    conn.send(b"x" * 20_000_000)  # more than the kernel's socket buffers take: most waits here
 
 def on_error(conn, code, message):
     results["errors"].append([code, message])
@@ -248,7 +248,7 @@ w.on_error = on_error
     # A client that resets while the server still has data for it.
     sock = connect(port, rcvbuf=4096)
     sock.sendall(b"go")
-    assert sock.recv(1) == b"x"  # the server is sending (3 MB: most of it still waits)
+    assert sock.recv(1) == b"x"  # the server is sending (20 MB: most of it still waits)
     time.sleep(0.1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
