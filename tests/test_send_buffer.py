@@ -406,3 +406,32 @@ w.on_message = on_message
     (first, at_a), (second, at_b), (third, at_c) = app.read_json("results.json")["send"]
     assert (first, second, third) == ("a", "b", "c")
     assert at_b - at_a >= 0.7 and at_c >= at_b
+
+
+def test_messages_held_by_pause_recv_are_dropped_when_the_connection_closes(app_factory):
+    """Held messages wait for resume_recv(); a connection that closes first never gets
+    them (queued behind a coroutine or not), and on_close still comes last."""
+    app = app_factory(
+        RECORDER
+        + """
+w = Worker("text://127.0.0.1:0", name="held")
+async def on_message(conn, line):
+    results["send"].append(line)
+    save()
+    if line == "a":
+        conn.pause_recv()
+        await asyncio.sleep(0.2)
+def on_close(conn):
+    results["closed"] += 1
+    results["send"].append("closed")
+    save()
+w.on_message = on_message
+w.on_close = on_close
+"""
+    ).start()
+    sock = connect(app.port())
+    sock.sendall(b"a\nb\nc\n")  # one read: b and c queue behind a coroutine
+    time.sleep(0.5)
+    app.cli("stop")  # a paused connection reads nothing, so the stop is what closes it
+    sock.close()
+    assert app.read_json("results.json")["send"] == ["a", "closed"]

@@ -30,6 +30,34 @@ w.on_message = lambda conn, line: conn.send("unix " + line + " " + repr(conn.rem
     assert not path.exists()
 
 
+def test_unix_socket_with_reuse_port_is_shared_by_the_workers(app_factory, tmp_path):
+    """A Unix socket has one path: reuse_port does not apply, every worker serves the
+    master's socket, and a graceful reload replaces them without a failed start."""
+    path = tmp_path / "shared.sock"
+    app = app_factory(
+        f"""
+w = Worker("unix://{path}", name="local", protocol="text", count=2, reuse_port=True)
+w.on_message = lambda conn, line: conn.send(f"{{os.getpid()}} {{line}}")
+"""
+    ).start()
+    first = {process["pid"] for process in app.wait_running(2, "local")}
+    pids = set()
+    for _ in range(40):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(5)
+        client.connect(str(path))
+        client.sendall(b"hi\n")
+        pids.add(int(read_lines(client, 1)[0].split()[0]))
+        client.close()
+    assert pids <= first
+    app.cli("reload", "-g")
+    second = {process["pid"] for process in app.wait_running(2, "local")}
+    assert not first & second
+    assert app.status()["exits"] == [] or all("exit code 0" in exit["status"] for exit in app.status()["exits"])
+    app.cli("stop")
+    assert not path.exists()
+
+
 def _has_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:

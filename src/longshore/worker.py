@@ -196,12 +196,14 @@ class Worker:
         if self.address is None or self._socket is not None:
             return
         # With reuse_port the master still binds (without listening) so that port 0
-        # resolves to one port that every worker process then shares.
+        # resolves to one port that every worker process then shares. A Unix socket has
+        # one path: its workers always share the master's socket.
+        per_worker = self.reuse_port and self.address.transport != "unix"
         self._socket = bind_socket(
             self.address,
-            reuse_port=self.reuse_port,
+            reuse_port=per_worker,
             backlog=self.backlog,
-            listen=not self.reuse_port,
+            listen=not per_worker,
             unix_mode=self.unix_mode,
         )
         if self.address.transport != "unix":
@@ -386,7 +388,7 @@ class _WorkerProcess:
                 worker._socket.close()
             sock = self.own_socket
             sock.listen(worker.backlog)
-        elif worker.reuse_port:
+        elif worker.reuse_port and address.transport != "unix":
             port = worker._socket.getsockname()[1] if worker._socket is not None else address.port
             if worker._socket is not None:
                 worker._socket.close()
@@ -538,7 +540,9 @@ class _WorkerProcess:
             send_buffer = read = written = 0
             for connection in connections.values():
                 waiting = connection.send_buffer_size
-                connection._unsent_hint = waiting
+                transport = connection.transport
+                if transport is None or not transport.is_closing() or connection.state != "established":
+                    connection._unsent_hint = waiting  # (a transport that failed by itself keeps it for connection_lost)
                 send_buffer += waiting
                 read += connection.bytes_read
                 written += connection.bytes_written

@@ -47,9 +47,11 @@ STATE_NAMES = {CONNECTING: "connecting", ESTABLISHED: "established", CLOSING: "c
 CORK_LIMIT = 64 * 1024
 #: Above this many queued callbacks (behind a running coroutine) a connection stops reading.
 SERIAL_QUEUE_LIMIT = 64
-#: While data waits in a send buffer below its limit, how often (seconds) to see whether
-#: it is out yet (so a peer that goes away after reading everything is not counted).
+#: While data waits in a send buffer below its limit, when (seconds) to look whether it
+#: is out yet (so a peer that goes away after reading everything is not counted): first
+#: after UNSENT_CHECK_INTERVAL, then twice as long each time, at most UNSENT_CHECK_MAX.
 UNSENT_CHECK_INTERVAL = 0.05
+UNSENT_CHECK_MAX = 1.0
 
 _connection_ids = itertools.count(1)
 
@@ -448,22 +450,26 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             self._cork_base = left
         return None if waiting or left else True
 
-    def _watch_unsent(self) -> None:
+    def _watch_unsent(self, delay: float = UNSENT_CHECK_INTERVAL) -> None:
         """Some data waits for the socket: look again shortly, so that ``_unsent_hint``
         says 0 soon after it is written out (below the high-water mark no event says so),
-        and a peer that then goes away is not taken for one that left data behind."""
-        self._unsent_check = asyncio.get_running_loop().call_later(UNSENT_CHECK_INTERVAL, self._check_unsent)
+        and a peer that then goes away is not taken for one that left data behind. A
+        client that stays slow is looked at less and less often (at most once a second)."""
+        self._unsent_check = asyncio.get_running_loop().call_later(delay, self._check_unsent, delay)
 
-    def _check_unsent(self) -> None:
+    def _check_unsent(self, delay: float) -> None:
         self._unsent_check = None
-        if self._state is CLOSED or self.transport is None:
+        transport = self.transport
+        if self._state is CLOSED or transport is None:
             return
         if self._buffer_full:  # resume_writing will say when it is empty
             return
+        if transport.is_closing() and self._state is ESTABLISHED:
+            return  # the transport failed by itself: connection_lost must still see what waited
         if self._unsent_hint:
-            self._unsent_hint = self.transport.get_write_buffer_size()
+            self._unsent_hint = transport.get_write_buffer_size()
             if self._unsent_hint:
-                self._watch_unsent()
+                self._watch_unsent(min(delay * 2, UNSENT_CHECK_MAX))
 
     def _write_failure(self) -> bool:
         """The transport failed a write and is closing: the peer went away (reset, broken
@@ -487,7 +493,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         transport = self.transport
         transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
         left = self._unsent_hint = transport.get_write_buffer_size()
-        if not left and transport.is_closing() and not self._got_eof and self._state is ESTABLISHED:
+        if not left and transport.is_closing() and not self._got_eof and self._state is not CLOSED:
             self._write_failure()
         elif left and self._unsent_check is None:
             self._watch_unsent()
@@ -729,10 +735,13 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                 if not self._recv_paused and self._state is ESTABLISHED:
                     self.transport.resume_reading()  # type: ignore[union-attr]
             try:
-                if self._recv_paused and self._state is ESTABLISHED and handler is self._handlers.on_message:
+                if self._recv_paused and handler is self._handlers.on_message:
                     # pause_recv(): messages already read wait for resume_recv() too.
-                    self._resumed = asyncio.get_running_loop().create_future()
-                    await self._resumed
+                    if self._state is ESTABLISHED:
+                        self._resumed = asyncio.get_running_loop().create_future()
+                        await self._resumed
+                    if self._recv_paused:  # closed while paused: dropped, as held ones are
+                        continue
                 result = handler(*args)
                 if result is not None and hasattr(result, "__await__"):
                     await result
