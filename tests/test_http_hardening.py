@@ -478,3 +478,73 @@ def test_uploaded_file_names_are_raw_and_safe_filename_is_a_plain_name(server):
         [".htaccess", "htaccess"],
         ["report 2024.pdf", "report 2024.pdf"],
     ]
+
+
+def _read_for(sock: socket.socket, seconds: float) -> bytes:
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return data
+
+
+def test_chunk_data_read_after_its_size_line_is_not_taken_for_trailers(app_factory):
+    app = app_factory("""
+w = Worker("http://127.0.0.1:0", name="web")
+w.on_message = lambda conn, request: conn.send("got %d" % len(request.body))
+""").start()
+    sock = connect(app.port())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    time.sleep(0.05)
+    sock.sendall(b"5000\r\n")  # a read that ends after a size line ...
+    time.sleep(0.05)
+    sock.sendall(b"a" * 0x5000 + b"\r\n5000\r\n")  # ... then the data (over 16 KiB) and the next size line
+    time.sleep(0.05)
+    sock.sendall(b"b" * 0x5000 + b"\r\n0\r\n\r\n")
+    answer = _read_for(sock, 1.0)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"got 40960"), answer[:80]
+    assert app.processes("web")[0]["protocol_error"] == 0
+
+
+UPGRADING = """
+from longshore.websocket import upgrade
+w = Worker("http://127.0.0.1:0", name="web")
+async def late(conn, request):
+    await asyncio.sleep(0.01)
+    conn.send("late " + request.path)
+def on_message(conn, request):
+    if request.path == "/ws":
+        upgrade(conn, request, on_message=lambda c, m: c.send("echo:" + m))
+    elif request.path.startswith("/late"):
+        return late(conn, request)
+    else:
+        conn.send("answer " + request.path)
+w.on_message = on_message
+"""
+WS_REQUEST = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+MASKED_HELLO = bytes([0x81, 0x85, 1, 2, 3, 4]) + bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(b"hello"))
+
+
+def test_the_101_follows_the_answers_before_it(app_factory):
+    app = app_factory(UPGRADING).start()
+    sock = connect(app.port())
+    sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + WS_REQUEST)  # one read: /a's answer is collected first
+    answer = _read_for(sock, 1.0)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"answer /a" in answer.split(b"HTTP/1.1 101")[0], answer[:200]
+
+
+def test_an_upgrade_behind_many_late_answers_reads_its_frames(app_factory):
+    app = app_factory(UPGRADING).start()
+    sock = connect(app.port())
+    sock.sendall(b"".join(b"GET /late%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(50)))
+    time.sleep(0.02)
+    sock.sendall(WS_REQUEST)
+    answer = _read_for(sock, 1.5)
+    assert answer.count(b"HTTP/1.1 200 ") == 50 and b"HTTP/1.1 101 " in answer
+    sock.sendall(MASKED_HELLO)
+    assert b"echo:hello" in _read_for(sock, 1.5)

@@ -694,6 +694,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._emit_error(exc.code, str(exc))
         if self._state is ESTABLISHED:
             if exc.response and not self._write_shut:
+                self._flush_cork()  # answers collected before the error go first
                 self.transport.write(exc.response)  # type: ignore[union-attr]
                 self.bytes_written += len(exc.response)
             self.close()

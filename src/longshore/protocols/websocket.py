@@ -1073,6 +1073,7 @@ class WebSocketProtocol(Protocol):
             self._held = None
             self._held_size = 0
             response = _error_response(decision)
+            connection._flush_cork()  # answers collected before this one go first
             connection.transport.write(response)
             connection.bytes_written += len(response)
             _close_socket(connection)
@@ -1097,6 +1098,7 @@ class WebSocketProtocol(Protocol):
         held = self._release_held(connection)
         self._state = _OPEN
         handshake = b"".join(lines)
+        connection._flush_cork()  # answers collected before this one go first
         connection.transport.write(handshake + held)
         connection.bytes_written += len(handshake) + len(held)
         self._start_heartbeat()
@@ -1311,6 +1313,9 @@ def upgrade(
         connection._websocket_connect_hook = on_websocket_connect  # type: ignore[attr-defined]
     if on_websocket_connected is not None:
         connection._websocket_connected_hook = on_websocket_connected  # type: ignore[attr-defined]
+    handed_over = getattr(connection.protocol, "handed_over", None)
+    if handed_over is not None:
+        handed_over()
     connection.protocol = protocol
     try:
         protocol.accept(request)

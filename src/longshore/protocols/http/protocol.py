@@ -276,6 +276,7 @@ class HttpProtocol(Protocol):
         started_in_headers = self._in_headers
         headers = self._headers
         started_trailing = self._trailing
+        body_before = self._body_size
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
@@ -309,7 +310,7 @@ class HttpProtocol(Protocol):
         elif self._trailing:
             # trailer fields still incomplete: httptools holds them until their line ends
             # (of the read in which the trailer section began, only its last line counts)
-            if started_trailing:
+            if started_trailing and self._body_size == body_before:  # no chunk data in this read
                 self._partial_size += len(data)
             else:
                 self._partial_size = len(data) - data.rfind(b"\n") - 1
@@ -356,7 +357,7 @@ class HttpProtocol(Protocol):
         connection = self.connection
         if connection.closed:
             return
-        if self._reading_stopped and not self._closing:
+        if self._reading_stopped and (not self._closing or self._upgrade):
             self._reading_stopped = False
             if not connection._recv_paused and not connection._serial_paused:
                 connection.transport.resume_reading()  # type: ignore[union-attr]
@@ -905,6 +906,15 @@ class HttpProtocol(Protocol):
         connection = self.connection
         if connection._recv_paused and not connection.closed:
             connection.resume_recv()
+
+    def handed_over(self) -> None:
+        """Another protocol takes the connection over (a WebSocket upgrade): the answers
+        still owed here will never be counted down, so reading no longer waits for them."""
+        if self._reading_stopped:
+            self._reading_stopped = False
+            connection = self.connection
+            if not connection.closed and not connection._recv_paused and not connection._serial_paused:
+                connection.transport.resume_reading()  # type: ignore[union-attr]
 
     def _stop_reading(self) -> None:
         """Stop the socket reads only (requests already read are still handled); reading

@@ -131,7 +131,7 @@ class MultipartReader:
             "on_header_end": self._on_header_end,
             "on_headers_finished": self._on_headers_finished,
         }
-        self.parser = MultipartParser(boundary, callbacks)
+        self.parser: MultipartParser | None = MultipartParser(boundary, callbacks)
 
     # python-multipart's callbacks
     def _on_part_begin(self) -> None:
@@ -194,6 +194,7 @@ class MultipartReader:
 
     def write(self, data: bytes) -> None:
         """Parse the next piece of the body."""
+        assert self.parser is not None, "write() after finish()"
         try:
             self.parser.write(data)
         except Exception as exc:
@@ -201,10 +202,15 @@ class MultipartReader:
 
     def finish(self) -> None:
         """The body is complete."""
+        assert self.parser is not None, "finish() twice"
         try:
             self.parser.finalize()
         except Exception as exc:
             raise ProtocolError(f"malformed multipart body: {exc}") from None
+        finally:
+            # The parser holds this reader's bound methods: dropping it breaks the cycle,
+            # so the uploads go as soon as the application lets go of the request.
+            self.parser = None
         part, self._part = self._part, None
         if part is not None and self._is_file:  # the body ended inside a file part: it is left out
             part.close()
