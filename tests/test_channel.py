@@ -846,7 +846,7 @@ def test_names_too_long_for_the_wire_are_refused(app_factory):
         b.close()
 
     asyncio.run(main())
-    assert app.processes("chat")[0]["throw_exception"] == 1
+    wait_for(lambda: app.processes("chat")[0]["throw_exception"] == 1, what="the failing close listener counted")  # published a moment later
     assert "exception in a close listener" in app.log() and "RuntimeError: close listener failed" in app.log()
 
 
