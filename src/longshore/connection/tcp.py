@@ -516,9 +516,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
 
     def _drop(self) -> None:
         _stats.send_fail += 1
-        handler = self._handlers.on_error
-        if handler is not None:  # at once, also while a coroutine of this connection waits
-            self._call(handler, "on_error", self, SEND_FAIL, "send buffer full and drop package", at_once=True)
+        self._emit_error(SEND_FAIL, "send buffer full and drop package", at_once=True)  # also while a coroutine waits
         self._protocol.send_dropped()
 
     @property
@@ -680,10 +678,10 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             else:
                 tasks.run_coroutine(result, f"{what} (connection {self.id}, {self.remote_address})")
 
-    def _emit_error(self, code: int, message: str) -> None:
+    def _emit_error(self, code: int, message: str, at_once: bool = False) -> None:
         handler = self._handlers.on_error
         if handler is not None:
-            self._call(handler, "on_error", self, code, message)
+            self._call(handler, "on_error", self, code, message, at_once=at_once)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         if exc.code == PACKAGE_TOO_LARGE:
