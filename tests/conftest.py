@@ -215,6 +215,14 @@ def read_lines(sock: socket.socket, count: int, timeout: float = 5.0) -> list[st
     return data.decode().split("\n")[:count]
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (a timeout fails the test)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
     """Send ``payload``, read until the server closes."""
     sock = connect(port, timeout)

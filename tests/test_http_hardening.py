@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import App, connect, raw_exchange, wait_for
+from conftest import App, connect, raw_exchange, read_until_closed, wait_for
 
 SERVER = r'''
 from longshore.http import Response, FileResponse, HttpProtocol, Chunk
@@ -320,12 +320,7 @@ def test_framing_headers_set_by_the_application_are_left_out(server):
         b"GET /relay-file HTTP/1.1\r\nHost: x\r\n\r\n"
         b"GET /relay HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_until_closed(sock)
     sock.close()
     answers = split_responses(data)
     assert [body for _, body in answers] == [b"hello world", b"hello world", b"index page\n", b"hello world"]
@@ -343,12 +338,7 @@ def test_framing_headers_set_by_the_application_are_left_out(server):
     # the application's 'Connection: close' still closes, with a single header
     sock = connect(port)
     sock.sendall(b"GET /bye HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_until_closed(sock)
     sock.close()
     assert header_lines(data.partition(b"\r\n\r\n")[0], b"connection") == [b"Connection: close"] and data.endswith(b"bye")
     # said once per process and header name
@@ -415,12 +405,7 @@ def test_expect_100_continue_is_ignored_on_http_1_0(server):
         sock.recv(100)  # no '100 Continue': an HTTP/1.0 client would take it for the answer
     sock.settimeout(5)
     sock.sendall(b"abc")
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_until_closed(sock)
     sock.close()
     assert data.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in data
     assert json.loads(data.partition(b"\r\n\r\n")[2])["body"] == "abc"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import connect, is_closed, read_lines, wait_for
+from conftest import connect, is_closed, wait_for
 from longshore.errors import PackageTooLarge, ProtocolError
 from longshore.protocols import FrameProtocol, PackageProtocol, TextProtocol, get_protocol, register_protocol
 

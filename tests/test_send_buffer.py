@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import connect, is_closed, paced_producer, read_lines, wait_for
+from conftest import connect, paced_producer, read_lines, read_until_closed, wait_for
 
 RECORDER = """
 RESULTS = os.path.join(os.environ["APP_DIR"], "results.json")
@@ -187,12 +187,7 @@ w.on_message = on_message
     sock = connect(app.port(), rcvbuf=8192)
     sock.sendall(b"x")
     time.sleep(0.3)  # let the server queue everything before we read
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_until_closed(sock)
     assert data == b"a" * 500_000 + b"b" * 500_000 + b"bye"
 
 
