@@ -357,10 +357,8 @@ class HttpProtocol(Protocol):
         connection = self.connection
         if connection.closed:
             return
-        if self._reading_stopped and (not self._closing or self._upgrade):
-            self._reading_stopped = False
-            if not connection._recv_paused and not connection._serial_paused:
-                connection.transport.resume_reading()  # type: ignore[union-attr]
+        if not self._closing or self._upgrade:
+            self._resume_reading()
         if final is not None:  # a failed request's 500: the last answer on this connection
             connection._write_ignoring_limit(final)
             if error is not None:  # bytes after it were bad too: counted, without an answer of its own
@@ -794,14 +792,11 @@ class HttpProtocol(Protocol):
     # -- files -----------------------------------------------------------------------------
     def _start_file(self, response: FileResponse, request: Request | None, keep_alive: bool, head_only: bool, extra: list[bytes]) -> bytes:
         path = response.resolved_path()
-        file = _open_file(path) if path is not None else None
-        if file is None:
+        opened = _open_file(path) if path is not None else None
+        if opened is None:
             return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request, extra)
+        file, info = opened
         try:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                file.close()
-                return self._encode_response(Response("Not Found\n", 404, content_type="text/plain; charset=utf-8"), request, extra)
             size = info.st_size
             modified = int(info.st_mtime)
             headers = list(response.headers)
@@ -910,6 +905,11 @@ class HttpProtocol(Protocol):
     def handed_over(self) -> None:
         """Another protocol takes the connection over (a WebSocket upgrade): the answers
         still owed here will never be counted down, so reading no longer waits for them."""
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Undo :meth:`_stop_reading` (unless the application or the coroutine queue
+        holds reading paused for reasons of their own)."""
         if self._reading_stopped:
             self._reading_stopped = False
             connection = self.connection
@@ -1055,9 +1055,9 @@ class HttpProtocol(Protocol):
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 
 
-def _open_file(path: str) -> Any:
-    """``path`` opened for reading if it is a regular file, else None (missing,
-    unreadable, a NUL in its name, a folder, a FIFO, a device).
+def _open_file(path: str) -> tuple[Any, os.stat_result] | None:
+    """``path`` opened for reading, with its stat, if it is a regular file, else None
+    (missing, unreadable, a NUL in its name, a folder, a FIFO, a device).
 
     It is opened without blocking and checked before anything is read: a plain open of a
     FIFO would wait for a writer, and the whole worker with it. (For a regular file,
@@ -1068,10 +1068,11 @@ def _open_file(path: str) -> Any:
     except (OSError, ValueError):
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             return None
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb"), info
     except BaseException:
         os.close(fd)
         raise
