@@ -93,14 +93,7 @@ class UdpConnection(RemoteAddress):
     def _failed(self, message: str) -> bool:
         _stats.send_fail += 1
         log.info("udp send to %s: %s", self.remote_address, message)
-        handler = self._handlers.on_error if self._handlers is not None else None
-        if handler is not None:
-            try:
-                result = handler(self, SEND_FAIL, message)
-                if asyncio.iscoroutine(result):
-                    tasks.run_coroutine(result, "on_error (udp)")
-            except Exception:
-                report_exception("on_error (udp)")
+        _call(self._handlers.on_error if self._handlers is not None else None, "on_error (udp)", self, SEND_FAIL, message)
         return False
 
     def close(self, data: Any = None, raw: bool = False) -> None:
@@ -140,12 +133,7 @@ class UdpServer(asyncio.DatagramProtocol):
         if handler is None:
             return
         for message in messages:
-            try:
-                result = handler(connection, message)
-                if asyncio.iscoroutine(result):
-                    tasks.run_coroutine(result, "on_message (udp)")
-            except Exception:
-                report_exception("on_message (udp)")
+            _call(handler, "on_message (udp)", connection, message)
 
     def error_received(self, exc: Exception) -> None:
         # A datagram the socket failed to send after sendto() returned (the loop reports
@@ -324,14 +312,20 @@ class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
 
 
     def _emit(self, handler: Any, what: str, *args: Any) -> None:
-        if handler is None:
-            return
-        try:
-            result = handler(self, *args)
-            if asyncio.iscoroutine(result):
-                tasks.run_coroutine(result, what)
-        except Exception:
-            report_exception(what)
+        _call(handler, what, self, *args)
+
+
+def _call(handler: Any, what: str, *args: Any) -> None:
+    """Run a UDP callback (a function, or a coroutine function whose coroutine runs as
+    its own task); what it raises is logged and counted."""
+    if handler is None:
+        return
+    try:
+        result = handler(*args)
+        if asyncio.iscoroutine(result):
+            tasks.run_coroutine(result, what)
+    except Exception:
+        report_exception(what)
 
 
 __all__ = ["AsyncUdpConnection", "MAX_DATAGRAM_IPV4", "MAX_DATAGRAM_IPV6", "SEND_FAIL", "UdpConnection", "UdpServer", "max_datagram"]

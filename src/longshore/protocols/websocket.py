@@ -149,10 +149,15 @@ def close_payload(code: int | None, reason: str = "") -> bytes:
     return code.to_bytes(2, "big") + encoded
 
 
+def _valid_close_code(code: int) -> bool:
+    """Whether ``code`` may stand in a close frame: 1000-1003, 1007-1014 or 3000-4999
+    (1005, 1006 and 1015 only ever describe a close, and the rest is reserved)."""
+    return code in _VALID_CLOSE_CODES or 3000 <= code <= 4999
+
+
 def check_close_code(code: int) -> None:
-    """Raise ValueError unless ``code`` may be sent in a close frame: 1000-1003, 1007-1014
-    or 3000-4999 (1005, 1006 and 1015 only ever describe a close, and the rest is reserved)."""
-    if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+    """Raise ValueError unless ``code`` may be sent in a close frame (:func:`_valid_close_code`)."""
+    if not _valid_close_code(code):
         raise ValueError(f"close code {code} may not be sent (1000-1003, 1007-1014 or 3000-4999)")
 
 
@@ -665,7 +670,7 @@ class WebSocketProtocol(Protocol):
         reason = ""
         if payload:
             code = int.from_bytes(payload[:2], "big")
-            if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+            if not _valid_close_code(code):
                 raise _Fail(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
             try:
                 reason = payload[2:].decode()
@@ -890,7 +895,7 @@ class WebSocketProtocol(Protocol):
         """The peer's close frame came while lingering: keep its code, close the socket."""
         if len(payload) >= 2:
             code = int.from_bytes(payload[:2], "big")
-            if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999:
+            if _valid_close_code(code):
                 self.close_code = code
                 self.close_reason = payload[2:].decode(errors="replace")
         elif not payload:
