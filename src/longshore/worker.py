@@ -36,7 +36,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
 
-from .connection.tcp import Handlers, TcpConnection, report_exception, running_callback_tasks
+from .connection.tcp import Handlers, TcpConnection, report_exception
 from .connection.tls import TlsAcceptor, abort_handshakes, server_context
 from .listen import ListenAddress, bind_socket, parse_listen
 from .loop import new_event_loop
@@ -191,14 +191,19 @@ class Worker:
         return f"<Worker {self.name} {self.listen or '(no listener)'} count={self.count}>"
 
     # -- master side -------------------------------------------------------------------
+    @property
+    def socket_per_process(self) -> bool:
+        """Each worker process binds its own SO_REUSEPORT socket (``reuse_port``; a Unix
+        socket has one path, so its workers always share the master's socket)."""
+        return self.reuse_port and self.address is not None and self.address.transport != "unix"
+
     def bind(self) -> None:
         """Master: bind the listening socket (a placeholder only, with reuse_port)."""
         if self.address is None or self._socket is not None:
             return
-        # With reuse_port the master still binds (without listening) so that port 0
-        # resolves to one port that every worker process then shares. A Unix socket has
-        # one path: its workers always share the master's socket.
-        per_worker = self.reuse_port and self.address.transport != "unix"
+        # With a socket per process the master still binds (without listening) so that
+        # port 0 resolves to one port that every worker process then shares.
+        per_worker = self.socket_per_process
         self._socket = bind_socket(
             self.address,
             reuse_port=per_worker,
@@ -272,7 +277,6 @@ class _WorkerProcess:
         self.early_signals: list[tuple[str, bool]] = []
         self.done: asyncio.Future[int] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
-        #: Running coroutine hooks (``on_worker_reload``): kept referenced, cancelled at the stop.
         self.qps_samples: deque[tuple[float, int]] = deque()
         self.publish_count = 0
         self.cached_send_buffer = 0
@@ -328,11 +332,11 @@ class _WorkerProcess:
         # folder may be out of the new user's reach.
         self.connections_fd = os.open(self.runtime.connections_file(os.getpid()), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         worker = self.worker
-        if worker.reuse_port and worker.address is not None and worker.address.transport != "unix":
+        address = worker.address
+        if worker.socket_per_process and address is not None:
             # SO_REUSEPORT sockets of one port must belong to the same user: bind as root
             # (listening starts once the worker serves).
-            port = worker._socket.getsockname()[1] if worker._socket is not None else worker.address.port
-            address = worker.address
+            port = worker._socket.getsockname()[1] if worker._socket is not None else address.port
             own = ListenAddress(address.url, address.scheme, address.transport, address.host, port, address.path)
             self.own_socket = bind_socket(own, reuse_port=True, backlog=worker.backlog, listen=False)
 
@@ -388,7 +392,7 @@ class _WorkerProcess:
                 worker._socket.close()
             sock = self.own_socket
             sock.listen(worker.backlog)
-        elif worker.reuse_port and address.transport != "unix":
+        elif worker.socket_per_process:
             port = worker._socket.getsockname()[1] if worker._socket is not None else address.port
             if worker._socket is not None:
                 worker._socket.close()
@@ -490,7 +494,7 @@ class _WorkerProcess:
         Timer.delete_all()
         # What still awaits is cancelled; a connection's on_close still runs (after the
         # last message it handled).
-        await self.cancel_tasks(running_callback_tasks() | tasks.running(), "coroutine callbacks, timers or hooks")
+        await self.cancel_tasks(tasks.running(), "coroutine callbacks, timers or hooks")
         if _channel_in_use():
             from . import channel
 

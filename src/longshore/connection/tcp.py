@@ -213,10 +213,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         self.transport = transport  # type: ignore[assignment]
         self._state = ESTABLISHED
-        remote = transport.get_extra_info("peername")
-        if remote is not None and len(remote) == 4 and remote[0].startswith("::ffff:"):
-            remote = (remote[0][7:], remote[1])  # an IPv4 client of a dual-stack [::] listener
-        self._remote = remote
+        self._remote = transport.get_extra_info("peername")  # shown plain by RemoteAddress (an IPv4 client of [::] too)
         loop = asyncio.get_running_loop()
         self.created_at = loop.time()
         transport.set_write_buffer_limits(high=max(self._max_send_buffer_size - 1, 0), low=0)  # type: ignore[attr-defined]
@@ -703,9 +700,9 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
             self._queue_serial(_awaited, (awaitable,))
             return
         self._serial = collections.deque()
-        task = asyncio.get_running_loop().create_task(self._run_serial(awaitable, message))
-        task.add_done_callback(_forget_task)
-        _running_tasks.add(task)
+        # Kept with the application's other tasks: a stopping worker cancels it, and the
+        # connection still gets its on_close (see _run_serial).
+        tasks.run_coroutine(self._run_serial(awaitable, message), "a coroutine callback")
 
     def _queue_serial(self, handler: Callable[..., Any], args: tuple[Any, ...]) -> None:
         serial = self._serial
@@ -784,19 +781,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._serial_paused = False
 
 
-_running_tasks: set[asyncio.Task[Any]] = set()
-
-
-def running_callback_tasks() -> set[asyncio.Task[Any]]:
-    """The tasks of the coroutine callbacks connections are running (a stopping worker
-    cancels them; a cancelled connection still gets its ``on_close``)."""
-    return set(_running_tasks)
-
-
 def _awaited(awaitable: Any) -> Any:
     """Queue entry for an awaitable that is already made: the runner awaits it."""
     return awaitable
 
-
-def _forget_task(task: asyncio.Task[Any]) -> None:
-    _running_tasks.discard(task)
