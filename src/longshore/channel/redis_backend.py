@@ -182,15 +182,14 @@ class RedisBackend:
             else:
                 pipe.hdel(f"{self.prefix}:count:{key}", self.address)
 
-    async def _execute_counts(self, pipe: Any, keys: set[str]) -> list[Any]:
+    async def _execute_counts(self, pipe: Any, keys: set[str]) -> None:
         """Run ``pipe``, which writes ``keys``; if it fails, they are dirty again."""
         try:
-            result = await pipe.execute()
+            await pipe.execute()
         except BaseException:
             self.dirty |= keys
             raise
         self.written -= {key for key in keys if key not in self.counts}
-        return list(result)
 
     def subscribe(self, topic: str) -> None:
         if topic in self.topics:
