@@ -270,24 +270,30 @@ class AsyncUdpConnection(RemoteAddress, asyncio.DatagramProtocol):
         if self._state != "open":
             _stats.send_fail += 1
             return False
-        return self._sendto(data)
+        return self._transmit(data)  # checked above, against the server's address
 
     def _max_datagram(self) -> int:
         """The UDP maximum towards the server; before the socket is made and while its
         address is a name, the larger one (the exact check comes when it is sent)."""
         host = str(self._remote[0])
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return MAX_DATAGRAM_IPV6
+        if self._state != "open":  # once open, the address is the socket's peer: an IP
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                return MAX_DATAGRAM_IPV6
         return max_datagram(host)
 
     def _sendto(self, data: bytes) -> bool:
+        """Send what was queued before the socket was made (checked again: its address
+        may have been a name that turned out IPv4)."""
         limit = self._max_datagram()
-        if len(data) > limit:  # queued before the socket was made, for a name that is IPv4
+        if len(data) > limit:
             _stats.send_fail += 1
             self._emit(self.on_error, "on_error", SEND_FAIL, _too_large(len(data), limit))
             return False
+        return self._transmit(data)
+
+    def _transmit(self, data: bytes) -> bool:
         try:
             self.transport.sendto(data)  # type: ignore[union-attr]
         except OSError as exc:
