@@ -274,3 +274,32 @@ w.on_message = lambda conn, line: conn.send("echo " + line)
             incoming.write(data)
     assert received == b"hello asyncio.unix_events\necho one\necho two\n"
     sock.close()
+
+
+def test_graceful_reload_completes_a_handshake_under_way_and_serves_it(app_factory, certificates):
+    """A client the old worker accepted, still in its TLS handshake when ``reload -g``
+    begins, is served by that worker, not cut."""
+    app = app_factory(
+        f"""
+import ssl
+context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+context.load_cert_chain({certificates["cert"]!r}, {certificates["key"]!r})
+w = Worker("text://127.0.0.1:0", name="secure", ssl=context, ssl_handshake_timeout=20.0, stop_timeout=20)
+w.on_message = lambda conn, line: conn.send(f"{{os.getpid()}} {{line}}")
+"""
+    ).start()
+    old_pid = app.wait_running(1)[0]["pid"]
+    port = app.port()
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    time.sleep(0.3)  # accepted by the old worker; its handshake waits for the ClientHello
+    app.cli("reload", "-g")
+    wait_for(lambda: "stopping gracefully" in app.log(), what="the old worker to stop gracefully")
+    client = certificates["client"].wrap_socket(raw, server_hostname="127.0.0.1")
+    client.sendall(b"late hello\n")
+    assert read_lines(client, 1, timeout=10) == [f"{old_pid} late hello"]
+    client.close()
+    wait_for(lambda: old_pid not in {p["pid"] for p in app.processes()} and "exited: exit code 0" in app.log(), what="the old worker to exit")
+    fresh = tls_connect(port, certificates["client"])
+    fresh.sendall(b"again\n")
+    pid, line = read_lines(fresh, 1)[0].split(" ", 1)
+    assert line == "again" and int(pid) != old_pid

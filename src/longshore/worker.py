@@ -37,7 +37,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NoReturn
 
 from .connection.tcp import Handlers, TcpConnection, report_exception
-from .connection.tls import TlsAcceptor, abort_handshakes, server_context
+from .connection.tls import TlsAcceptor, abort_handshakes, pending_handshakes, server_context
 from .listen import ListenAddress, bind_socket, parse_listen
 from .loop import new_event_loop
 from .protocols import get_protocol
@@ -59,6 +59,8 @@ _TLS_SCHEMES = {"https": "http", "wss": "websocket"}
 
 #: At a stop, how long cancelled coroutines (callbacks, timers, hooks) get to finish.
 CANCEL_GRACE = 1.0
+#: Loop turns a stopping worker waits for connections accepted just before its listener closed.
+ACCEPT_SETTLE_TURNS = 4
 
 #: Signals the master sends its workers; blocked from the fork until the loop handles them.
 CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2})
@@ -457,15 +459,29 @@ class _WorkerProcess:
             self.server.close()
         if self.udp_transport is not None:
             self.udp_transport.close()
-        abort_handshakes()
+        # Connections accepted just before the listener closed are not in
+        # worker.connections yet: the loop calls their connection_made soon (uvloop:
+        # one turn; the stdlib loop: through a task). Let them arrive, so that they are
+        # served or told like the others rather than cut when the process exits.
+        for _ in range(ACCEPT_SETTLE_TURNS):
+            await asyncio.sleep(0)
+        handshakes = pending_handshakes()
         log.info(
-            "worker %s[%d] pid %d %s (%d connections)",
+            "worker %s[%d] pid %d %s (%d connections%s)",
             worker.name,
             self.worker_id,
             os.getpid(),
             "stopping gracefully" if self.graceful else "stopping",
             len(worker.connections),
+            f", {handshakes} TLS handshakes" if handshakes else "",
         )
+        deadline = loop.time() + worker.stop_timeout
+        if self.graceful:
+            # A TLS handshake under way is a client that connected: let it finish
+            # (bounded by ssl_handshake_timeout) and be served like the others.
+            while self.graceful and pending_handshakes() and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        abort_handshakes()
         if worker.on_worker_stop is not None:
             try:
                 result = worker.on_worker_stop(worker)
@@ -473,7 +489,6 @@ class _WorkerProcess:
                     await result
             except Exception:
                 report_exception("on_worker_stop")
-        deadline = loop.time() + worker.stop_timeout
         told: dict[int, Protocol] = {}
         while self.graceful and worker.connections and loop.time() < deadline:
             self.tell_graceful(told)

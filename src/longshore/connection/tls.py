@@ -245,6 +245,11 @@ class TlsAcceptor(asyncio.Protocol):
             connection.data_received(bytes(late))
 
 
+def pending_handshakes() -> int:
+    """How many handshakes are under way in this process."""
+    return len(_handshakes)
+
+
 def abort_handshakes() -> None:
     """Cancel every handshake under way (a stopping worker)."""
     for task in list(_handshakes):
@@ -266,4 +271,4 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["TlsAcceptor", "abort_handshakes", "client_context", "server_context"]
+__all__ = ["TlsAcceptor", "abort_handshakes", "client_context", "pending_handshakes", "server_context"]
