@@ -183,7 +183,7 @@ def test_closing_through_conn_websocket_is_the_whole_closing_handshake(app_facto
 
 
 def test_a_client_still_sending_when_the_server_closes_gets_the_close_frame(app_factory):
-    app = app_factory(ECHO + "\nw.websocket_close_timeout = 1.0\n").start()
+    app = app_factory(ECHO + "\nw.websocket_close_timeout = 2.0\n").start()
     port = app.port()
     # A raw client: "close-me", then a megabyte more in the same burst. The server reads
     # on (dropping it) instead of closing a socket with data unread, which would reset it.
@@ -194,7 +194,7 @@ def test_a_client_still_sending_when_the_server_closes_gets_the_close_frame(app_
     sock.sendall(frame(8, (1000).to_bytes(2, "big") + b"ok"))  # the answer ends the wait at once
     started = time.monotonic()
     assert is_closed(sock)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.5  # at once, not after close_timeout
     wait_for(lambda: app.read_json("results.json").get("closes"), what="the close recorded")
     assert app.read_json("results.json")["closes"] == [[1000, "ok"]]  # the peer's answer
 
@@ -205,7 +205,7 @@ def test_a_client_still_sending_when_the_server_closes_gets_the_close_frame(app_
     assert read_close(silent)[0] == 4001
     started = time.monotonic()
     assert is_closed(silent)
-    assert 0.7 < time.monotonic() - started < 3
+    assert 1.7 < time.monotonic() - started < 5
 
     # The websockets client, sending as fast as it can, learns the code too.
     async def flood():
@@ -223,7 +223,7 @@ def test_a_client_still_sending_when_the_server_closes_gets_the_close_frame(app_
 
     started = time.monotonic()
     assert run(flood()) == 4001
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
 
 
 def test_handshake_refusals(app_factory):
