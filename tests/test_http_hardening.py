@@ -533,3 +533,90 @@ def test_an_upgrade_behind_many_late_answers_reads_its_frames(app_factory):
     assert answer.count(b"HTTP/1.1 200 ") == 50 and b"HTTP/1.1 101 " in answer
     sock.sendall(MASKED_HELLO)
     assert b"echo:hello" in _read_for(sock, 1.5)
+
+
+# -- pause_recv() and the protocol's own flow control ----------------------------------------
+
+PAUSING = """
+import socket
+from longshore.http import Response, Chunk, HttpProtocol
+HttpProtocol.max_owed_answers = 4
+w = Worker("http://127.0.0.1:0", name="web")
+state = {}
+
+def end_stream(conn):
+    state[conn]["stream_ended"] = True
+    conn.send(Chunk(b"end"))
+    conn.send(Chunk(b""))
+
+def app_resume(conn):
+    state[conn]["app_resumed"] = True
+    conn.resume_recv()
+
+def on_message(conn, request):
+    path, query = request.path, request.query
+    seen = state.setdefault(conn, {"stream_ended": False, "app_resumed": False})
+    if path == "/stream":  # a chunked answer that ends later: the answers after it are held
+        conn.send(Response(b"start", chunked=True))
+        Timer.add(float(query["end"]), end_stream, conn, persistent=False)
+    elif path == "/big":  # fills the send buffer of a client that does not read yet
+        conn.max_send_buffer_size = 1000
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        if query.get("pause") == "before":
+            conn.pause_recv()
+        conn.send(Response(b"b" * (1024 * 1024)))
+        Timer.add(float(query["resume"]), app_resume, conn, persistent=False)
+    elif path == "/pause":
+        if query["when"] == "before":  # the application pauses, then its answer makes the protocol pause
+            conn.pause_recv()
+            conn.send("paused")
+        else:  # the answer makes the protocol pause, then the application pauses too
+            conn.send("paused")
+            conn.pause_recv()
+        Timer.add(float(query["resume"]), app_resume, conn, persistent=False)
+    else:
+        conn.send(Response(json.dumps(seen), content_type="application/json"))
+w.on_message = on_message
+"""
+
+
+def _pipelined(*targets: str) -> bytes:
+    """Requests sent in one write; the last one closes the connection."""
+    requests = [f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n" for target in targets[:-1]]
+    requests.append(f"GET {targets[-1]} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return "".join(requests).encode()
+
+
+def _last_json(answer: bytes) -> dict:
+    return json.loads(answer[answer.rindex(b"\r\n\r\n") + 4 :])
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_pause_recv_and_held_answers_each_hold_reading_until_their_own_resume(app_factory, when):
+    # /a1 .. /pause: four answers held behind the stream, so the protocol pauses; the
+    # application pauses too (before or after that). /next is handed over only once the
+    # stream has ended (the protocol's reason) and the application has resumed (its own),
+    # whichever of the two comes last.
+    app = app_factory(PAUSING).start()
+    for stream_end, app_resume in ((0.3, 1.0), (1.0, 0.3)):
+        sock = connect(app.port())
+        sock.sendall(_pipelined(f"/stream?end={stream_end}", "/a1", "/a2", "/a3", f"/pause?when={when}&resume={app_resume}", "/next"))
+        answer = read_until_closed(sock)
+        assert answer.count(b"HTTP/1.1 200 ") == 6, answer
+        assert b"\r\n3\r\nend\r\n0\r\n\r\n" in answer and answer.count(b"paused") == 1
+        assert _last_json(answer) == {"stream_ended": True, "app_resumed": True}, (stream_end, app_resume)
+
+
+def test_resume_recv_does_not_lift_the_pause_of_a_full_send_buffer(app_factory):
+    # The application pauses, then its answer fills the send buffer; its resume_recv()
+    # comes while the client still reads nothing. /next waits for the drain: answered
+    # into the full buffer, its answer would be dropped and the connection closed.
+    app = app_factory(PAUSING).start()
+    sock = connect(app.port(), rcvbuf=16 * 1024)
+    sock.sendall(_pipelined("/big?pause=before&resume=0.2", "/next"))
+    time.sleep(0.6)
+    answer = read_until_closed(sock)
+    answers = answer.count(b"HTTP/1.1 200 ")
+    assert answers == 2, answer[-200:]
+    assert _last_json(answer) == {"stream_ended": False, "app_resumed": True}
+    assert app.processes("web")[0]["send_fail"] == 0

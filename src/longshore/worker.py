@@ -621,7 +621,7 @@ class _WorkerProcess:
                 "bytes_written": connection.bytes_written,
                 "state": connection.state,
                 "age": round(now - connection.created_at, 3),
-                "paused": connection._recv_paused,
+                "paused": bool(connection._recv_paused),
             }
             for connection in list(worker.connections.values())
         ]

@@ -52,6 +52,11 @@ SERIAL_QUEUE_LIMIT = 64
 #: after UNSENT_CHECK_INTERVAL, then twice as long each time, at most UNSENT_CHECK_MAX.
 UNSENT_CHECK_INTERVAL = 0.05
 UNSENT_CHECK_MAX = 1.0
+#: Why reading is paused (the bits of ``TcpConnection._recv_paused``, 0 while reading):
+#: the application's ``pause_recv()``, the protocol's own flow control. Each side's
+#: resume lifts its own bit only; reading goes on once none is left.
+PAUSED_BY_APP = 1
+PAUSED_BY_PROTOCOL = 2
 
 _connection_ids = itertools.count(1)
 
@@ -176,7 +181,7 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
         self._cork: list[bytes] | None = None
         self._cork_size = 0
         self._cork_base = 0
-        self._recv_paused = False
+        self._recv_paused = 0  # why reading is paused: PAUSED_BY_APP | PAUSED_BY_PROTOCOL bits
         self._held: list[bytes] | None = None
         self._held_messages: list[Any] | None = None  # decoded, not yet delivered (paused in a batch)
         self._serial: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
@@ -571,13 +576,33 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
     # -- reading control -----------------------------------------------------------------
     def pause_recv(self) -> None:
         """Stop reading from the socket until :meth:`resume_recv`."""
-        self._recv_paused = True
+        self._pause(PAUSED_BY_APP)
+
+    def resume_recv(self) -> None:
+        """Read from the socket again (once the protocol's own flow control, e.g. an HTTP
+        connection's full send buffer, no longer holds reading paused as well)."""
+        self._resume(PAUSED_BY_APP)
+
+    def _hold_input(self) -> None:
+        """For the protocol: read nothing and hand no message over until
+        :meth:`_release_input`, whatever the application's ``pause_recv()`` and
+        ``resume_recv()`` do meanwhile (and the other way round)."""
+        self._pause(PAUSED_BY_PROTOCOL)
+
+    def _release_input(self) -> None:
+        """For the protocol: undo :meth:`_hold_input` (reading resumes unless the
+        application has paused it too)."""
+        self._resume(PAUSED_BY_PROTOCOL)
+
+    def _pause(self, reason: int) -> None:
+        self._recv_paused |= reason
         if self._state is ESTABLISHED and not self._serial_paused:
             self.transport.pause_reading()  # type: ignore[union-attr]
 
-    def resume_recv(self) -> None:
-        """Read from the socket again."""
-        self._recv_paused = False
+    def _resume(self, reason: int) -> None:
+        paused = self._recv_paused = self._recv_paused & ~reason
+        if paused:
+            return  # the other side still holds reading paused
         self._release_queue()
         if self._held or self._held_messages:
             asyncio.get_running_loop().call_soon(self._deliver_held)
@@ -732,8 +757,9 @@ class TcpConnection(RemoteAddress, asyncio.Protocol):
                     self.transport.resume_reading()  # type: ignore[union-attr]
             try:
                 if self._recv_paused and handler is self._handlers.on_message:
-                    # pause_recv(): messages already read wait for resume_recv() too.
-                    if self._state is ESTABLISHED:
+                    # pause_recv(): messages already read wait for resume_recv() too
+                    # (and again if reading was paused again before this went on).
+                    while self._recv_paused and self._state is ESTABLISHED:
                         self._resumed = asyncio.get_running_loop().create_future()
                         await self._resumed
                     if self._recv_paused:  # closed while paused: dropped, as held ones are

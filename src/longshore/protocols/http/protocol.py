@@ -45,6 +45,7 @@ from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from ...connection.tcp import PAUSED_BY_PROTOCOL
 from ...errors import PackageTooLarge, ProtocolError
 from ..base import Protocol
 from .request import Request
@@ -246,7 +247,7 @@ class HttpProtocol(Protocol):
         self._final_answer: bytes | None = None
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._trailing = False
-        self._input_paused = False  # this protocol paused the connection (pause_recv)
+        self._input_paused = False  # this protocol holds the connection's input (_hold_input) until drained
         self._reading_stopped = False  # this protocol stopped the socket reads only
         self._upgrade = False
         # Waiting for the first request's headers starts now.
@@ -886,12 +887,14 @@ class HttpProtocol(Protocol):
         self.connection.close()
 
     def _pause_input(self) -> None:
-        """Read no more and hand no more requests to the application (the connection's
-        ``pause_recv``), until :meth:`_resume_input`."""
+        """Read no more and hand no more requests to the application until
+        :meth:`_resume_input` (the application's own ``pause_recv()``/``resume_recv()``
+        neither lifts this nor is lifted by it)."""
         connection = self.connection
-        if not self._input_paused and not connection._recv_paused and not connection.closed:
-            self._input_paused = True
-            connection.pause_recv()
+        if self._input_paused or connection.closed or connection._recv_paused & PAUSED_BY_PROTOCOL:
+            return  # paused already (for good, when a failed request closes the connection)
+        self._input_paused = True
+        connection._hold_input()
 
     def _resume_input(self) -> None:
         """Undo :meth:`_pause_input` once the send buffer has room and few answers are held."""
@@ -899,13 +902,18 @@ class HttpProtocol(Protocol):
             return
         self._input_paused = False
         connection = self.connection
-        if connection._recv_paused and not connection.closed:
-            connection.resume_recv()
+        if not connection.closed:
+            connection._release_input()
 
     def handed_over(self) -> None:
         """Another protocol takes the connection over (a WebSocket upgrade): the answers
-        still owed here will never be counted down, so reading no longer waits for them."""
+        still owed here will never be counted down, and this protocol will not hear of
+        the send buffer's drain, so reading no longer waits for either."""
         self._resume_reading()
+        if self._input_paused:
+            self._input_paused = False
+            if not self.connection.closed:
+                self.connection._release_input()
 
     def _resume_reading(self) -> None:
         """Undo :meth:`_stop_reading` (unless the application or the coroutine queue
@@ -969,9 +977,8 @@ class HttpProtocol(Protocol):
         self._closing = True
         while pending.pop() is not message:
             pass  # the requests after it: never answered
-        if not connection._recv_paused:
-            connection.pause_recv()  # their handlers wait (for good: the connection closes)
-        self._input_paused = False  # ... whatever drains
+        connection._hold_input()  # their handlers wait (for good: the connection closes)
+        self._input_paused = False  # ... whatever drains, and whatever the application resumes
         self._final_answer = INTERNAL_ERROR
         self._turn_waits = True
         self._turn_came()
@@ -1006,8 +1013,8 @@ class HttpProtocol(Protocol):
         held.append((_ABANDONED, None))
         self._closing = True
         self._pending.clear()  # the requests after it: never answered
-        if not self.connection._recv_paused:
-            self.connection.pause_recv()
+        self.connection._hold_input()  # their handlers wait (for good: the connection closes)
+        self._input_paused = False
 
     def _last_held_closes(self) -> bool:
         """Make the last answer held behind the running stream close the connection (its
