@@ -9,6 +9,7 @@ import time
 from http import HTTPStatus
 
 import httpx
+import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -704,3 +705,183 @@ client.on_worker_start = start
     gaps = [later - earlier for earlier, later in zip(closes, closes[1:])]
     # 0.2, 0.4, 0.8 s give or take 10 %: each wait clearly longer than the one before.
     assert gaps[0] > 0.15 and gaps[1] > gaps[0] * 1.5 and gaps[2] > gaps[1] * 1.5, gaps
+
+
+class HandshakeSpoiler:
+    """A raw server that accepts TCP connections and spoils every WebSocket handshake
+    the same way: ``drop`` (closes without answering), ``403`` (refuses), ``badkey`` (a
+    101 with a wrong Sec-WebSocket-Accept, then waits) or ``silent`` (never answers)."""
+
+    def __init__(self, behaviour: str) -> None:
+        import socket
+
+        self.behaviour = behaviour
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.paths: list[str] = []
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(sock)
+            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+
+    def handle(self, sock) -> None:
+        try:
+            sock.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            self.paths.append(head.split(b" ")[1].decode())
+            if self.behaviour == "403":
+                sock.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            elif self.behaviour == "badkey":
+                sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n")
+            if self.behaviour in ("badkey", "silent"):
+                while sock.recv(4096):  # until the client gives up
+                    pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+SPOILED_HANDSHAKE_CLIENT = """
+AsyncTcpConnection.reconnect_min_delay = 0.05
+w = Worker(None, name="client")
+results.update(events={"on_error": [], "on_close": []})
+
+def on_websocket_connected(conn):
+    results["events"][conn.mode].append("websocket connected")
+    save()
+
+w.on_websocket_connected = on_websocket_connected
+
+def on_connect(conn):
+    results["events"][conn.mode].append("connect")
+    save()
+
+def on_error(conn, code, message):
+    events = results["events"][conn.mode]
+    events.append([code, message, conn.reconnect_attempts])
+    save()
+    if conn.mode == "on_error" and events.count("close") < 2:
+        conn.reconnect()
+
+def on_close(conn):
+    events = results["events"][conn.mode]
+    events.append("close")
+    save()
+    if conn.mode == "on_close" and events.count("close") < 3:
+        conn.reconnect()
+
+class Client(AsyncTcpConnection):
+    websocket_handshake_timeout = 0.3
+
+def start(worker):
+    for mode in ("on_error", "on_close"):  # where the client calls reconnect()
+        conn = Client(f"ws://127.0.0.1:{PORT}/" + mode)
+        conn.mode = mode
+        conn.on_connect, conn.on_error, conn.on_close = on_connect, on_error, on_close
+        conn.connect()
+        conn.send("early")  # held for after a 101 that never comes
+    save()
+
+w.on_worker_start = start
+"""
+
+
+@pytest.mark.parametrize(
+    "behaviour, reason",
+    [
+        ("drop", "the server closed the connection before answering"),
+        ("403", "server answered HTTP 403 Forbidden"),
+        ("badkey", "bad Sec-WebSocket-Accept"),
+        ("silent", "no answer to the handshake within 0.3 s"),
+    ],
+)
+def test_a_spoiled_handshake_is_a_failed_connect_and_the_client_reconnects_with_backoff(app_factory, behaviour, reason):
+    server = HandshakeSpoiler(behaviour)
+    try:
+        app = app_factory(RECORDER + f"PORT = {server.port}\n" + SPOILED_HANDSHAKE_CLIENT).start()
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # three attempts of each client (or what came of them)
+            results = app.read_json("results.json")
+            if results and all(events.count("close") == 3 for events in results["events"].values()):
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # nothing more comes (no fourth attempt, no late callback)
+        results = app.read_json("results.json")
+        for mode, events in results["events"].items():
+            # Each attempt: CONNECT_FAIL saying why, then on_close, as for a refused TCP
+            # connect; never on_connect nor the connected hook; the backoff grows.
+            assert [event if event == "close" else [event[0], event[2]] for event in events] == [[1, 1], "close", [1, 2], "close", [1, 3], "close"], (mode, events)
+            for event in events[::2]:
+                assert event[1].startswith(f"websocket handshake with ws://127.0.0.1:{server.port}/{mode} failed: {reason}"), (mode, event)
+        assert sorted(server.paths) == ["/on_close"] * 3 + ["/on_error"] * 3  # every reconnect reached the server
+        stats = app.processes("client")[0]
+        assert stats["connect_fail"] == 6
+        assert stats["connections"] == 0
+        assert stats["send_fail"] == 0  # what waited for the 101 was given up, not a failed send
+    finally:
+        server.close()
+
+
+def test_a_handshake_given_up_by_the_application_is_not_a_failed_connect(app_factory):
+    server = HandshakeSpoiler("silent")
+    try:
+        app = app_factory(
+            RECORDER
+            + f"""
+PORT = {server.port}
+w = Worker(None, name="client")
+results.update(events=[])
+
+def record(event):
+    results["events"].append(event)
+    save()
+
+def on_close(conn):
+    record(["close", conn.reconnect_attempts])
+    if len(results["events"]) == 1:  # reconnect() connects again in 0.05 s
+        asyncio.get_running_loop().call_later(0.4, conn.destroy)
+    elif len(results["events"]) == 2:
+        conn.connect()
+        asyncio.get_running_loop().call_later(0.3, conn.close)
+
+def start(worker):
+    conn = AsyncTcpConnection(f"ws://127.0.0.1:{{PORT}}/given-up")
+    conn.websocket_handshake_timeout = 10
+    conn.on_connect = lambda c: record("connect")
+    conn.on_error = lambda c, code, message: record([code, message])
+    conn.on_close = on_close
+    conn.connect()
+    asyncio.get_running_loop().call_later(0.3, conn.reconnect, 0.05)  # cuts the attempt, then connects again
+    save()
+
+w.on_worker_start = start
+"""
+        ).start()
+        # reconnect(), then destroy(), then close() while the server has not answered:
+        # on_close each time, no CONNECT_FAIL, and no failed attempt for the backoff.
+        events = wait_for(lambda: (r := app.read_json("results.json")) and len(r["events"]) >= 3 and r["events"], what="three closes")
+        time.sleep(0.3)
+        assert app.read_json("results.json")["events"] == events == [["close", 0], ["close", 0], ["close", 0]]
+        assert server.paths == ["/given-up"] * 3
+        assert app.processes("client")[0]["connect_fail"] == 0
+    finally:
+        server.close()

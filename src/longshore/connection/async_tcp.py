@@ -299,11 +299,16 @@ class AsyncTcpConnection(TcpConnection):
         super().close(data, raw)
 
     def destroy(self) -> None:
-        """As for accepted connections; while connecting, the same as :meth:`close`."""
+        """As for accepted connections; while connecting (a ``ws://`` handshake too), the
+        attempt is given up as by :meth:`close`: ``on_close`` follows, no ``on_error``."""
         if self._state is CONNECTING:
             self.cancel_reconnect()
             self._give_up()
             return
+        if self._state is ESTABLISHED:
+            given_up = getattr(self._protocol, "given_up", None)  # a handshake under way ends here
+            if given_up is not None:
+                given_up()
         super().destroy()
 
     def _give_up(self) -> None:

@@ -276,15 +276,20 @@ def _error_response(status: int, extra: bytes = b"", connection: bytes = b"close
 class _HeadParser:
     """httptools callbacks collecting a request or response head."""
 
-    __slots__ = ("url", "headers", "complete")
+    __slots__ = ("url", "reason", "headers", "complete")
 
     def __init__(self) -> None:
         self.url = b""
+        #: The reason phrase of a response ("Forbidden").
+        self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -1337,10 +1342,13 @@ class WebSocketClientProtocol(WebSocketProtocol):
     Sends masked frames, offers permessage-deflate (``compression``) and the
     ``subprotocols`` class attribute (or ``conn.websocket_subprotocols``), and calls the
     connection's ``on_connect`` once the server has accepted the handshake. A refused or
-    broken handshake, or one the server has not answered within ``handshake_timeout``
-    seconds (``conn.websocket_handshake_timeout``), calls ``on_error(conn, CONNECT_FAIL,
-    message)`` and then ``on_close``. Extra request headers go in ``conn.websocket_headers``
-    (a dict).
+    broken handshake, a connection the server closes before answering, or a handshake it
+    has not answered within ``handshake_timeout`` seconds
+    (``conn.websocket_handshake_timeout``) is a failed connect, reported as a refused TCP
+    connect is: once the socket is closed, ``on_error(conn, CONNECT_FAIL, message)`` and
+    then ``on_close`` (never ``on_connect``). The application giving the attempt up
+    (``close()``, ``destroy()``, ``reconnect()``) only gets ``on_close``. Extra request
+    headers go in ``conn.websocket_headers`` (a dict).
     """
 
     scheme = "ws"
@@ -1351,12 +1359,14 @@ class WebSocketClientProtocol(WebSocketProtocol):
     #: once the server accepts the handshake, not when the TCP connection is made.
     connects_after_handshake: ClassVar[bool] = True
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_failure")
 
     def __init__(self, connection: Any) -> None:
         previous = getattr(connection, "_protocol", None)
         super().__init__(connection)
         self._key = base64.b64encode(os.urandom(16)).decode()
+        #: Why the handshake failed, reported once the socket is closed.
+        self._failure: str | None = None
         if isinstance(previous, WebSocketClientProtocol) and previous._held:
             self._held = previous._held  # frames sent between the constructor and connect()
             self._held_size = previous._held_size
@@ -1374,15 +1384,37 @@ class WebSocketClientProtocol(WebSocketProtocol):
         return False
 
     def connection_closed(self) -> None:
-        if self._state == _HANDSHAKE:  # the connection ended before the server answered
-            self._attempt_failed()
+        failure = self._failure
+        if self._state == _HANDSHAKE:  # the server closed the connection before the 101
+            failure = "the server closed the connection " + ("in the middle of its answer" if self._buffer else "before answering")
+        self._give_up_handshake()
         super().connection_closed()
+        if failure is not None:
+            self._connect_failed(failure)
 
-    def _attempt_failed(self) -> None:
-        """The handshake failed: one more attempt for the reconnect backoff."""
+    def _connect_failed(self, reason: str) -> None:
+        """Report a failed handshake (the socket is closed, ``on_close`` is next), as a
+        failed TCP connect is: one more attempt for the reconnect backoff, ``connect_fail``
+        and ``on_error(conn, CONNECT_FAIL, ...)``."""
         connection: Any = self.connection
         if hasattr(connection, "reconnect_attempts"):
             connection.reconnect_attempts += 1
+        _stats.connect_fail += 1
+        connection._emit_error(CONNECT_FAIL, f"websocket handshake with {connection.remote_url} failed: {reason}")
+
+    def _give_up_handshake(self) -> None:
+        """No 101 is awaited any more: the frames held for after it are dropped."""
+        if self._state == _HANDSHAKE:
+            self._state = _CLOSED
+        self._held = None
+        self._held_size = 0
+        _watched.pop(self, None)
+
+    def given_up(self) -> None:
+        """The application cuts the connection (``destroy()``, ``reconnect()``) while the
+        handshake is under way: not a failed connect, as ``close()`` while connecting is not."""
+        if self._state == _HANDSHAKE:
+            self._give_up_handshake()
 
     def _handshake_expired(self) -> None:
         self._refused(f"no answer to the handshake within {self._setting('handshake_timeout')} s")
@@ -1426,7 +1458,8 @@ class WebSocketClientProtocol(WebSocketProtocol):
         status = http.get_status_code()
         headers = head.headers
         if status != 101:
-            return self._refused(f"server answered HTTP {status}")
+            reason = head.reason.decode("latin-1")[:100]
+            return self._refused(f"server answered HTTP {status} {reason}".rstrip())
         if (_header(headers, b"sec-websocket-accept") or "").strip() != accept_key(self._key):
             return self._refused("bad Sec-WebSocket-Accept")
         if "websocket" not in _tokens(_header(headers, b"upgrade")):
@@ -1458,14 +1491,10 @@ class WebSocketClientProtocol(WebSocketProtocol):
         return self._after_open()
 
     def _refused(self, message: str) -> list[Any]:
-        self._state = _CLOSED
-        self._held = None
-        self._held_size = 0
-        connection: Any = self.connection
-        self._attempt_failed()
-        _stats.connect_fail += 1
-        connection._emit_error(CONNECT_FAIL, f"websocket handshake with {connection.remote_url} failed: {message}")
-        _close_socket(connection)
+        """The handshake failed: close the socket; ``message`` is reported once it is closed."""
+        self._give_up_handshake()
+        self._failure = message
+        _close_socket(self.connection)
         return _EMPTY
 
 
