@@ -224,3 +224,38 @@ target.on_worker_start = on_worker_start
     # The third connection reads (pause_recv belonged to the last one) and counts its own bytes.
     assert "round 3 read 0 written 0" in got
     assert "message echo hello read 11 written 6" in got
+
+
+def test_connect_forgets_a_reconnect_planned_before_it(app_factory):
+    """``reconnect(after)`` then ``connect()`` at once: one attempt, not a second one when
+    the planned delay runs out (here after the server has closed the first connection)."""
+    target = free_port()
+    app = app_factory(
+        f"""
+target = Worker("text://127.0.0.1:{target}", name="target")
+LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
+
+def record(*words):
+    with open(LOG, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+
+def served(conn, line):
+    record("target got", line)
+    conn.close()
+
+target.on_message = served
+
+def on_worker_start(worker):
+    client = AsyncTcpConnection("text://127.0.0.1:{target}")
+    client.on_connect = lambda conn: conn.send("hello")
+    client.on_close = lambda conn: record("client close")
+    client.reconnect(1.0)
+    client.connect()
+    Timer.add(2.0, lambda: record("done"), persistent=False)
+
+target.on_worker_start = on_worker_start
+"""
+    ).start()
+    events = app.folder / "events.txt"
+    wait_for(lambda: events.exists() and "done" in events.read_text(), what="the planned delay to pass")
+    assert events.read_text().splitlines() == ["target got hello", "client close", "done"]

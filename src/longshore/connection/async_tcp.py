@@ -135,7 +135,7 @@ class AsyncTcpConnection(TcpConnection):
         if self._state is CLOSED:
             self._forget_last_connection()
         self._state = CONNECTING
-        self._reconnect_handle = None
+        self.cancel_reconnect()  # connecting now: a reconnect planned earlier would start a second attempt later
         self._connect_task = loop.create_task(self._connect(previous))
 
     def _forget_last_connection(self) -> None:
