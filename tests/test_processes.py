@@ -533,3 +533,44 @@ w.on_message = lambda conn, line: conn.send(line)
     else:
         raise AssertionError("the killed master's port still accepts connections")
     assert "start.py is not running" in app.cli("stop", check=False).stderr
+
+
+def test_graceful_reload_with_reuse_port_serves_what_waits_in_the_old_listeners_backlog(app_factory):
+    """With reuse_port each process listens on a socket of its own, and closing it would
+    reset the connections waiting in its backlog: the old worker accepts them first.
+    Its ``on_worker_reload`` blocks it for a moment while clients connect, so that some
+    of them wait in the old socket's backlog when it stops listening."""
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", count=1, name="own", reuse_port=True)
+w.on_message = lambda conn, line: conn.send(f"{os.getpid()} {line}")
+
+def on_worker_reload(worker):
+    with open(os.path.join(os.environ["APP_DIR"], "reloading"), "w"):
+        pass
+    time.sleep(1.5)
+
+w.on_worker_reload = on_worker_reload
+"""
+    ).start()
+    old_pid = app.wait_running(1)[0]["pid"]
+    port = app.port()
+    reload = threading.Thread(target=app.cli, args=("reload", "-g"), kwargs={"timeout": 60})
+    reload.start()
+    wait_for(lambda: (app.folder / "reloading").exists(), what="the old worker to block in on_worker_reload")
+    clients = [connect(port, timeout=10) for _ in range(40)]  # the kernel completes each handshake
+    answers = []
+    for index, client in enumerate(clients):
+        client.sendall(f"c{index}\n".encode())
+    for index, client in enumerate(clients):
+        try:
+            answers.append(read_lines(client, 1, timeout=10)[0])
+        except OSError as exc:
+            answers.append(repr(exc))
+        client.close()
+    reload.join(timeout=60)
+    assert [answer.split(" ", 1)[-1] for answer in answers] == [f"c{index}" for index in range(40)], answers
+    served_by_old = sum(answer.startswith(f"{old_pid} ") for answer in answers)
+    assert served_by_old > 0  # some waited in the old socket's backlog and were served by it
+    log = app.log()
+    assert "taken over from its listener's backlog" in log

@@ -141,6 +141,17 @@ class ReloadStep:
     started: float = field(default_factory=time.monotonic)
 
 
+def _migrates_requests() -> bool:
+    """True when the kernel moves what waits in a closing SO_REUSEPORT listener's backlog
+    to another listener of its group (Linux 5.14+, ``net.ipv4.tcp_migrate_req=1``); also
+    True where that cannot be known (the hint would only be noise)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as file:
+            return file.read().strip() != "0"
+    except OSError:
+        return True
+
+
 class Master:
     """Supervises the worker processes of one start script."""
 
@@ -303,6 +314,12 @@ class Master:
         )
         for worker in self.workers:
             log.info("worker %s: %s, %d process(es)", worker.name, worker.bound_listen or "(no listener)", worker.count)
+            if worker.socket_per_process and worker.address is not None and worker.address.transport != "udp" and not _migrates_requests():
+                log.info(
+                    "worker %s: reuse_port: a connection that completes in the instant a stopping process closes its "
+                    "socket is reset; set the sysctl net.ipv4.tcp_migrate_req=1 to have the kernel hand it to another process",
+                    worker.name,
+                )
             identity = users.resolve(worker.user, worker.group)
             if users.needs_switch(identity):
                 if users.can_switch():

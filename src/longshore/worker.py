@@ -270,6 +270,9 @@ class _WorkerProcess:
         self.master_lost = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
+        #: What the listener makes of an accepted socket, when this process listens on a
+        #: socket of its own (reuse_port): its backlog is taken over before it closes.
+        self.own_listener_factory: Callable[[], asyncio.BaseProtocol] | None = None
         self.udp_transport: asyncio.BaseTransport | None = None
         self.stopping = False
         self.graceful = False
@@ -417,11 +420,13 @@ class _WorkerProcess:
             transport, _ = await loop.create_datagram_endpoint(lambda: UdpServer(worker, protocol_class, handlers), sock=sock)
             self.udp_transport = transport
             return
+        accepted: Callable[[], asyncio.BaseProtocol] = factory
         if self.ssl_context is not None:
             context, timeout = self.ssl_context, worker.ssl_handshake_timeout
-            self.server = await loop.create_server(lambda: TlsAcceptor(context, factory, timeout), sock=sock, backlog=worker.backlog)
-            return
-        self.server = await loop.create_server(factory, sock=sock, backlog=worker.backlog)
+            accepted = lambda: TlsAcceptor(context, factory, timeout)  # noqa: E731
+        if worker.socket_per_process:
+            self.own_listener_factory = accepted
+        self.server = await loop.create_server(accepted, sock=sock, backlog=worker.backlog)
 
     # -- signals -----------------------------------------------------------------------
     def on_signal(self, action: str, graceful: bool) -> None:
@@ -456,7 +461,7 @@ class _WorkerProcess:
         worker = self.worker
         self.table.set_state(self.slot, STATE_STOPPING)
         if self.server is not None:
-            self.server.close()
+            await self.close_listener(self.server)
         if self.udp_transport is not None:
             self.udp_transport.close()
         # Connections accepted just before the listener closed are not in
@@ -517,6 +522,43 @@ class _WorkerProcess:
         self.publish()
         if self.done is not None and not self.done.done():
             self.done.set_result(0)
+
+    async def close_listener(self, server: asyncio.AbstractServer) -> None:
+        """Stop accepting. A shared listening socket stays open in the master and the
+        other workers, so what waits in its backlog is theirs. A socket of this process's
+        own (reuse_port) would reset what waits in its backlog when it closes: those
+        connections are accepted here first, from a copy of the socket closed at once
+        after it (only a connection completing in that instant can still be reset)."""
+        factory = self.own_listener_factory
+        if factory is None or not server.sockets:
+            server.close()
+            return
+        spare = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        server.close()
+        for _ in range(2):
+            await asyncio.sleep(0)  # the loop closes its own descriptor of the socket
+        waiting: list[socket.socket] = []
+        try:
+            spare.setblocking(False)
+            while True:
+                try:
+                    client, _ = spare.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                client.setblocking(False)
+                waiting.append(client)
+        except OSError as exc:
+            log.warning("worker %s[%d]: taking over the backlog of its listener: %s", self.worker.name, self.worker_id, exc)
+        finally:
+            spare.close()
+        if waiting:
+            log.info("worker %s[%d]: %d connections taken over from its listener's backlog", self.worker.name, self.worker_id, len(waiting))
+        loop = asyncio.get_running_loop()
+        for client in waiting:
+            try:
+                await loop.connect_accepted_socket(factory, client)
+            except OSError:
+                client.close()  # the client left meanwhile
 
     async def cancel_tasks(self, running: set[asyncio.Future[Any]], what: str) -> None:
         """Cancel ``running`` tasks and give them a moment to run their ``finally`` blocks."""
