@@ -530,10 +530,11 @@ class _WorkerProcess:
         connections are accepted here first, from a copy of the socket closed at once
         after it (only a connection completing in that instant can still be reset)."""
         factory = self.own_listener_factory
-        if factory is None or not server.sockets:
+        sockets = getattr(server, "sockets", None)  # asyncio.Server's (and uvloop's)
+        if factory is None or not sockets:
             server.close()
             return
-        spare = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        spare = socket.socket(fileno=os.dup(sockets[0].fileno()))
         server.close()
         for _ in range(2):
             await asyncio.sleep(0)  # the loop closes its own descriptor of the socket
