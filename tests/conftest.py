@@ -24,6 +24,11 @@ HEADER = """\
 import os, sys, json, time, asyncio
 from longshore import Worker, Timer, TcpConnection, AsyncTcpConnection, run_all
 from longshore.errors import SEND_FAIL, CONNECT_FAIL
+
+
+def record(*words):  # a line in events.txt in the app's folder, for the test to read
+    with open(os.path.join(os.environ["APP_DIR"], "events.txt"), "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
 """
 
 FOOTER = """

@@ -33,12 +33,6 @@ ws.on_message = lambda conn, message: conn.send("wss " + message)
 AsyncTcpConnection.reconnect_min_delay = 0.1
 AsyncTcpConnection.reconnect_max_delay = 0.4
 c = Worker(None, name="client")
-LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
-
-def record(*words):
-    with open(LOG, "a") as f:
-        f.write(" ".join(str(w) for w in words) + "\\n")
-
 def on_worker_start(worker):
     upstream = AsyncTcpConnection("text://127.0.0.1:{port}", ssl={{"cafile": {certificates["ca"]!r}}})
     upstream.on_connect = lambda conn: (record("connect"), conn.send("hello"))
@@ -96,12 +90,6 @@ def test_close_while_connecting_gives_the_attempt_up_and_a_later_connect_starts_
         f"""
 from longshore.stats import process_stats
 target = Worker("text://127.0.0.1:{target}", name="target")
-LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
-
-def record(*words):
-    with open(LOG, "a") as f:
-        f.write(" ".join(str(w) for w in words) + "\\n")
-
 target.on_message = lambda conn, line: record("target got", line)
 
 def on_worker_start(worker):
@@ -179,12 +167,6 @@ def on_connect(conn):
 
 target.on_connect = on_connect
 target.on_message = lambda conn, line: conn.send("echo " + line)
-LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
-
-def record(*words):
-    with open(LOG, "a") as f:
-        f.write(" ".join(str(w) for w in words) + "\\n")
-
 def on_worker_start(worker):
     client = AsyncTcpConnection("text://127.0.0.1:{port}")
     rounds = [0]
@@ -233,12 +215,6 @@ def test_connect_forgets_a_reconnect_planned_before_it(app_factory):
     app = app_factory(
         f"""
 target = Worker("text://127.0.0.1:{target}", name="target")
-LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
-
-def record(*words):
-    with open(LOG, "a") as f:
-        f.write(" ".join(str(w) for w in words) + "\\n")
-
 def served(conn, line):
     record("target got", line)
     conn.close()

@@ -54,12 +54,6 @@ from longshore import AsyncUdpConnection
 server = Worker("udp://127.0.0.1:0", name="udp-server", protocol="text")
 server.on_message = lambda conn, line: conn.send("pong " + line)
 client = Worker(None, name="udp-client")
-LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
-
-def record(*words):
-    with open(LOG, "a") as f:
-        f.write(" ".join(str(w) for w in words) + "\\n")
-
 def on_worker_start(worker):
     listen = [w for w in Worker._all if w.name == "udp-server"][0].bound_listen
     udp = AsyncUdpConnection(listen.replace("udp://", "udp://"), protocol="text")
@@ -93,12 +87,6 @@ def test_a_datagram_over_the_udp_maximum_is_refused_and_a_failed_send_is_counted
 from longshore import AsyncUdpConnection
 from longshore.connection.udp import UdpConnection
 server = Worker("udp://127.0.0.1:0", name="udp-server")
-LOG = os.path.join(os.environ["APP_DIR"], "events.txt")
-
-def record(*words):
-    with open(LOG, "a") as f:
-        f.write(" ".join(str(w) for w in words) + "\\n")
-
 def on_message(conn, data):
     if data == b"broadcast":  # the socket may not broadcast: the loop reports the failure later
         lost = UdpConnection(conn.worker, conn.transport, ("255.255.255.255", 9), type(conn.protocol))
