@@ -245,7 +245,37 @@ w.on_worker_start = start
         assert server.pongs == 1
 
 
-class RawServer:
+class ThreadedServer:
+    """A listener on 127.0.0.1 (port 0) whose ``handle(sock)`` runs in a thread per
+    accepted connection; ``close()`` stops it and closes what it accepted."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(sock)
+            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+
+    def handle(self, sock) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+class RawServer(ThreadedServer):
     """A hand-written server that answers the handshake and then misbehaves, per path."""
 
     CASES = {
@@ -257,20 +287,8 @@ class RawServer:
     }
 
     def __init__(self) -> None:
-        import socket
-
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.codes: dict[str, int] = {}
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+        super().__init__()
 
     def handle(self, sock) -> None:
         from longshore.protocols.websocket import accept_key
@@ -300,9 +318,6 @@ class RawServer:
             if len(data) >= 8 and data[0] == 0x88 and data[1] & 0x80:  # a masked close frame
                 mask = data[2:6]
                 self.codes[path] = int.from_bytes(bytes(b ^ mask[i] for i, b in enumerate(data[6:8])), "big")
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_our_client_refuses_bad_input_from_a_server(app_factory):
@@ -707,29 +722,15 @@ client.on_worker_start = start
     assert gaps[0] > 0.15 and gaps[1] > gaps[0] * 1.5 and gaps[2] > gaps[1] * 1.5, gaps
 
 
-class HandshakeSpoiler:
+class HandshakeSpoiler(ThreadedServer):
     """A raw server that accepts TCP connections and spoils every WebSocket handshake
     the same way: ``drop`` (closes without answering), ``403`` (refuses), ``badkey`` (a
     101 with a wrong Sec-WebSocket-Accept, then waits) or ``silent`` (never answers)."""
 
     def __init__(self, behaviour: str) -> None:
-        import socket
-
         self.behaviour = behaviour
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.paths: list[str] = []
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.sockets.append(sock)
-            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+        super().__init__()
 
     def handle(self, sock) -> None:
         try:
@@ -751,11 +752,6 @@ class HandshakeSpoiler:
         except OSError:
             pass
         finally:
-            sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
             sock.close()
 
 
