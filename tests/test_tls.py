@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import httpx
@@ -303,3 +304,37 @@ w.on_message = lambda conn, line: conn.send(f"{{os.getpid()}} {{line}}")
     fresh.sendall(b"again\n")
     pid, line = read_lines(fresh, 1)[0].split(" ", 1)
     assert line == "again" and int(pid) != old_pid
+
+
+def test_a_handshake_waited_on_at_a_graceful_stop_holds_back_nobody_else(app_factory, certificates):
+    """While a graceful stop waits for a TLS client that connected and has not said
+    anything, the other connections are told at once (an idle keep-alive closes) and
+    ``on_worker_stop`` runs at once."""
+    app = app_factory(
+        f"""
+w = Worker("http://127.0.0.1:0", name="secure", ssl={{"certfile": {certificates["cert"]!r}, "keyfile": {certificates["key"]!r}}},
+           ssl_handshake_timeout=30, stop_timeout=30)
+w.on_message = lambda conn, request: conn.send("hello")
+w.on_worker_stop = lambda worker: record("on_worker_stop")
+"""
+    ).start()
+    port = app.port()
+    kept = tls_connect(port, certificates["client"], timeout=10)
+    kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert kept.recv(4096).startswith(b"HTTP/1.1 200 ")
+    silent = connect(port)  # connected, no ClientHello yet
+    time.sleep(0.3)
+    stopper = threading.Thread(target=app.cli, args=("stop", "-g"), kwargs={"timeout": 60})
+    started = time.monotonic()
+    stopper.start()
+    try:
+        assert kept.recv(4096) == b""  # the idle keep-alive connection is closed ...
+        assert time.monotonic() - started < 5  # ... now, not once the handshake is given up
+        kept.close()
+        events = app.folder / "events.txt"
+        wait_for(lambda: events.exists() and "on_worker_stop" in events.read_text(), timeout=5, what="on_worker_stop")
+        assert app.master_pid() is not None  # still waiting for the silent client
+    finally:
+        silent.close()  # its handshake ends, and so does the stop
+        stopper.join(timeout=60)
+    assert app.master_pid() is None

@@ -481,12 +481,8 @@ class _WorkerProcess:
             f", {handshakes} TLS handshakes" if handshakes else "",
         )
         deadline = loop.time() + worker.stop_timeout
-        if self.graceful:
-            # A TLS handshake under way is a client that connected: let it finish
-            # (bounded by ssl_handshake_timeout) and be served like the others.
-            while self.graceful and pending_handshakes() and loop.time() < deadline:
-                await asyncio.sleep(0.02)
-        abort_handshakes()
+        if not self.graceful:
+            abort_handshakes()
         if worker.on_worker_stop is not None:
             try:
                 result = worker.on_worker_stop(worker)
@@ -495,9 +491,12 @@ class _WorkerProcess:
             except Exception:
                 report_exception("on_worker_stop")
         told: dict[int, Protocol] = {}
-        while self.graceful and worker.connections and loop.time() < deadline:
+        # A TLS handshake under way is a client that connected: it may finish (bounded by
+        # ssl_handshake_timeout) and is then told like the other connections.
+        while self.graceful and (worker.connections or pending_handshakes()) and loop.time() < deadline:
             self.tell_graceful(told)
             await asyncio.sleep(0.05)
+        abort_handshakes()
         if self.graceful and worker.connections:
             deadline = loop.time() + 1.0  # graceful time is up: flush briefly, then cut
         for connection in list(worker.connections.values()):
