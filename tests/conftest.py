@@ -181,9 +181,12 @@ def app_factory(tmp_path: Path):
     apps: list[App] = []
     counter = iter(range(1000))
 
-    def make(body: str) -> App:
+    def make(body: str, subfolder: str = "") -> App:
+        """``subfolder``: put the app one folder deeper (a long name makes long paths)."""
         folder = tmp_path / f"app{next(counter)}"
-        folder.mkdir()
+        if subfolder:
+            folder = folder / subfolder
+        folder.mkdir(parents=True)
         app = App(folder, body)
         apps.append(app)
         return app

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -249,6 +250,105 @@ def test_embedded_hub_restart_and_reload(app_factory):
     app.cli("reload")
     wait_for(lambda: not old & {p["pid"] for p in app.wait_running(2, "chat")}, what="reloaded workers")
     asyncio.run(round_trip("reload"))
+
+
+SPY = """
+import errno, socket, sys
+probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    probe.connect(sys.argv[1])
+    print("connected")
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, exc.errno))
+"""
+
+
+def test_embedded_hub_with_a_socket_path_too_long_for_sun_path(app_factory):
+    """In a deep app folder the hub's socket cannot live next to the pid file: it is a
+    file in a private folder (0700, replaced if someone else made it), never an abstract
+    socket (which ignores permissions, and which uvloop cannot connect to); the workers
+    reach it, another user cannot, and the folder goes when the master stops."""
+    from longshore.channel import embedded
+
+    app = app_factory(CHAT, subfolder="deep-" + "d" * 100)
+    app.env["COUNT"] = "2"
+    assert len(str(app.pid_file.with_suffix(".channel.sock")).encode()) >= 108
+    address = embedded.hub_address(str(app.pid_file))
+    assert not address.startswith("\0") and len(address.encode()) < 100, address
+    folder = os.path.dirname(address)
+    squatter = os.geteuid() == 0
+    shutil.rmtree(folder, ignore_errors=True)
+    os.mkdir(folder)
+    os.chmod(folder, 0o777)
+    if squatter:  # another user got there first: the hub must not use their folder
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    port = app.start().port()
+
+    async def round_trip() -> None:
+        a, b = await spread(port, 2)
+        for client in (a, b):
+            assert await client.ask("join deep") == "ok"
+        await wait_for_answer(a, "count deep", "count deep 2")
+        a.send("togroup deep across the hub")
+        assert await a.line() == "across the hub" and await b.line() == "across the hub"
+        a.close()
+        b.close()
+
+    asyncio.run(round_trip())
+    folder_stat = os.lstat(folder)
+    assert stat.S_ISDIR(folder_stat.st_mode) and folder_stat.st_uid == os.geteuid()
+    assert stat.S_IMODE(folder_stat.st_mode) == 0o700, oct(folder_stat.st_mode)
+    socket_stat = os.lstat(address)
+    assert stat.S_ISSOCK(socket_stat.st_mode) and stat.S_IMODE(socket_stat.st_mode) == 0o600
+    if squatter and shutil.which("setpriv"):
+        spy = subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", sys.executable, "-c", SPY, address],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert spy.stdout.strip() == "EACCES", (spy.stdout, spy.stderr)
+    assert "hub does not answer" not in app.log()
+    app.cli("stop")
+    assert not os.path.lexists(folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_embedded_hub_with_a_long_path_and_workers_run_as_another_user(app_factory):
+    """Workers that run as ``nobody`` reach the hub in its private folder (the master's,
+    open to their group only), through a socket that is theirs."""
+    import pwd
+
+    from longshore.channel import embedded
+
+    nobody = pwd.getpwnam("nobody")
+    app = app_factory(CHAT + "\nw.user = 'nobody'\n", subfolder="deep-" + "d" * 100)
+    app.env["COUNT"] = "2"
+    address = embedded.hub_address(str(app.pid_file))
+    port = app.start().port()
+
+    async def round_trip() -> None:
+        a, b = await spread(port, 2)
+        for client in (a, b):
+            assert await client.ask("join deep") == "ok"
+        await wait_for_answer(a, "count deep", "count deep 2")
+        a.send("togroup deep as nobody")
+        assert await a.line() == "as nobody" and await b.line() == "as nobody"
+        a.close()
+        b.close()
+
+    asyncio.run(round_trip())
+    for process in app.processes("chat"):
+        assert os.stat(f"/proc/{process['pid']}").st_uid == nobody.pw_uid
+    folder_stat = os.lstat(os.path.dirname(address))
+    assert (folder_stat.st_uid, folder_stat.st_gid, stat.S_IMODE(folder_stat.st_mode)) == (0, nobody.pw_gid, 0o710)
+    socket_stat = os.lstat(address)
+    assert (socket_stat.st_uid, stat.S_IMODE(socket_stat.st_mode)) == (nobody.pw_uid, 0o600)
+    app.cli("stop")
+    assert not os.path.lexists(os.path.dirname(address))
 
 
 def test_slow_group_member_is_dropped_not_waited_for(app_factory):

@@ -2,10 +2,13 @@
 
 The hub is a helper process that the master forks (and respawns) when the
 application uses the channel without Redis. It listens on a Unix socket next to the
-pid file (``.longshore/<script>.channel.sock``; an abstract socket when that path is
-too long for ``sun_path``). Every worker process keeps one connection to it and tells
-it which topics it subscribes to; a message published to a topic goes to the
-subscribed processes only, never back to its sender.
+pid file (``.longshore/<script>.channel.sock``). When that path is too long for
+``sun_path``, the socket is ``hub.sock`` in a private folder of ``/tmp`` named after
+the long path (see :func:`prepare_folder`); never an abstract socket, which would ignore
+file permissions (any local user could connect) and which uvloop cannot connect to.
+Every worker process keeps one connection to it and tells it which topics it subscribes
+to; a message published to a topic goes to the subscribed processes only, never back to
+its sender.
 
 The framing is that of ``frame://``: a 4-byte big-endian length that counts itself,
 then the payload. A payload is one operation byte, a 2-byte topic length, the topic,
@@ -44,9 +47,12 @@ lost and, on the publisher's side, counted as dropped.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import shutil
 import signal
+import stat
 from typing import Any, Callable
 
 from ..stats import process_stats
@@ -72,14 +78,93 @@ OP_ANSWER = ord("A")
 OP_DROPPED = ord("D")
 
 
-def hub_address(pid_file: str) -> str:
-    """Where the hub of the application with this pid file listens."""
-    path = os.path.splitext(pid_file)[0] + ".channel.sock"
-    if len(path.encode()) < 100:
-        return path
-    import hashlib
+#: The longest socket path kept next to the pid file (``sun_path``: 108 bytes on Linux, 104
+#: on the BSDs, the final NUL included).
+MAX_SOCKET_PATH = 99
+#: Where the private folder of a hub whose own path is too long goes.
+SHORT_SOCKET_ROOT = "/tmp"
+PRIVATE_PREFIX = "longshore-channel-"
 
-    return "\0longshore-channel-" + hashlib.sha1(path.encode()).hexdigest()[:20]
+
+def hub_address(pid_file: str) -> str:
+    """Where the hub of the application with this pid file listens: next to the pid file,
+    or, when that path is too long, ``/tmp/longshore-channel-<hash of it>/hub.sock``.
+
+    The name depends on the path only, so that the hub and the workers (which may run as
+    another user) find the same one.
+    """
+    path = os.path.splitext(pid_file)[0] + ".channel.sock"
+    if len(path.encode()) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha1(path.encode()).hexdigest()[:20]
+    return os.path.join(SHORT_SOCKET_ROOT, PRIVATE_PREFIX + digest, "hub.sock")
+
+
+def private_folder(address: str) -> str | None:
+    """The private folder of ``address`` (see :func:`hub_address`), or None when the
+    socket lives next to its pid file."""
+    folder = os.path.dirname(address)
+    if os.path.dirname(folder) == SHORT_SOCKET_ROOT and os.path.basename(folder).startswith(PRIVATE_PREFIX):
+        return folder
+    return None
+
+
+def folder_access(owners: list[tuple[int, int]]) -> tuple[int, int]:
+    """Mode and group of the private folder for workers running as ``owners`` (none:
+    as the hub's user): 0700; 0710 with their group when they all share one; 0711
+    when they run in several groups (the socket is then open to all, as it is when it
+    lives next to the pid file)."""
+    groups = {gid for _, gid in owners}
+    if not groups:
+        return 0o700, -1
+    if len(groups) == 1:
+        return 0o710, groups.pop()
+    return 0o711, -1
+
+
+def prepare_folder(folder: str, owners: list[tuple[int, int]]) -> None:
+    """Make ``folder`` a folder of this process's user with the mode and group of
+    :func:`folder_access`.
+
+    Whatever else has the name (a symbolic link, a file, a folder of another user or
+    one that others could write in) is removed first; ``OSError`` when that cannot be
+    done or someone recreates it meanwhile.
+    """
+    mode, gid = folder_access(owners)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        found = os.lstat(folder)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o022:
+            _remove_foreign(folder, found)
+            os.mkdir(folder, 0o700)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        found = os.fstat(fd)
+        if found.st_uid != os.geteuid():
+            raise PermissionError(f"{folder} belongs to uid {found.st_uid}")
+        if gid >= 0 and found.st_gid != gid:
+            os.fchown(fd, -1, gid)
+        if stat.S_IMODE(found.st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _remove_foreign(folder: str, found: os.stat_result) -> None:
+    """Remove what holds the private folder's name and is not ours."""
+    log.warning(
+        "channel: %s is not a private folder of this user (uid %d, mode %o); replacing it",
+        folder,
+        found.st_uid,
+        stat.S_IMODE(found.st_mode),
+    )
+    if not stat.S_ISDIR(found.st_mode):
+        os.unlink(folder)
+    elif shutil.rmtree.avoids_symlink_attacks:
+        shutil.rmtree(folder)
+    else:  # pragma: no cover - platforms without the fd-based functions
+        raise PermissionError(f"{folder} belongs to uid {found.st_uid}")
 
 
 def pack(op: int, topic: bytes, body: bytes = b"") -> bytes:
@@ -249,7 +334,8 @@ def run_hub(address: str, owners: list[tuple[int, int]] | None = None) -> int:
 
     The socket file is readable and writable by its owner only; when the workers run as
     another user (``owners``), it is given to that user, or opened to everyone when they
-    run as several users.
+    run as several users. A private folder (:func:`private_folder`) is prepared before
+    and removed after.
     """
     from ..loop import new_event_loop
 
@@ -266,34 +352,42 @@ def run_hub(address: str, owners: list[tuple[int, int]] | None = None) -> int:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     hub = Hub()
+    folder = private_folder(address)
+    if folder is not None:
+        try:
+            prepare_folder(folder, owners or [])
+        except OSError as exc:
+            log.error("channel hub: cannot prepare the folder of its socket %s: %s", folder, exc)
+            loop.close()
+            return 1
 
     async def serve() -> None:
         stopped = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, _settle, stopped)
-        if not address.startswith("\0"):
-            try:
-                os.unlink(address)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
         old_mask = os.umask(0o177)
         try:
             server = await loop.create_unix_server(lambda: Link(hub), address)
         finally:
             os.umask(old_mask)
-        if owners and not address.startswith("\0"):
+        if owners:
             if len(set(owners)) == 1:
                 os.chown(address, *owners[0])
             else:
                 os.chmod(address, 0o666)
-        log.debug("channel hub pid %d listening", os.getpid())
+        log.debug("channel hub pid %d listening on %s", os.getpid(), address)
         await stopped
         server.close()
-        if not address.startswith("\0"):
-            try:
-                os.unlink(address)
-            except OSError:
-                pass
+        try:
+            os.unlink(address)
+            if folder is not None:
+                os.rmdir(folder)
+        except OSError:
+            pass
         log.debug("channel hub: %d messages routed, %d dropped", hub.routed, hub.dropped)
 
     try:
