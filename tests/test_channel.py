@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import App, wait_for
 
 CHAT = """
 from longshore import channel
@@ -92,7 +92,7 @@ class Client:
         self.reader = reader
         self.writer = writer
         self.id = client_id
-        self.pid = int(client_id.split("-")[2], 16)
+        self.pid = int(client_id.split("-")[-2], 16)
         self.instance = client_id.rsplit("-", 2)[0]
 
     @classmethod
@@ -971,3 +971,201 @@ def test_embedded_hub_drops_for_a_slow_worker_are_counted_by_that_worker(app_fac
     pid, lost = asyncio.run(main())
     assert lost >= 10, lost
     assert next(p for p in app.processes("chat") if p["pid"] == pid)["channel"]["dropped"] == lost
+
+
+# -- addresses, client ids, local delivery -----------------------------------------------
+def _pid_namespaces_usable() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _start_in_pid_namespace(app: App, port: int) -> subprocess.Popen:
+    """``start`` (foreground) in a new pid namespace, as in a container: the master is pid
+    1 and its workers 2, 3... Killing the returned ``unshare`` kills every process in it."""
+    process = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, str(app.script), "start"],
+        cwd=app.folder,
+        env={**app.env, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(listening, what="the instance in its pid namespace")
+    return process
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("unshare") is None, reason="needs redis-server and unshare")
+def test_instances_alike_but_for_their_start_keep_apart(tmp_path):
+    """Two instances on one host, each in its own pid namespace (containers that share the
+    host's name or network: master pid 1, workers 2, 3...) and one Redis. The processes
+    with the same pids count each other and get each other's messages (none is taken for
+    its own echo). The first instance is killed and started again with the same pids: a
+    client id of its first run reaches nobody, not the new connection with the same pids
+    and number."""
+    if not _pid_namespaces_usable():
+        pytest.skip("pid namespaces are not available here")
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    # Not app_factory: the pid files say 1, which its teardown must never signal.
+    apps = []
+    for name, count in (("first", "1"), ("second", "2")):
+        (tmp_path / name).mkdir()
+        app = App(tmp_path / name, CHAT.replace('"text://127.0.0.1:0"', '"text://127.0.0.1:" + os.environ["PORT"]'))
+        app.env.update(CHANNEL=f"redis://127.0.0.1:{redis_port}/0", COUNT=count)
+        apps.append(app)
+    running: list[subprocess.Popen] = []
+
+    def pids(client: Client) -> list[str]:  # master pid, worker pid (and the number)
+        return client.id.split("-")[-3:]
+
+    try:
+        ports = [_free_port(), _free_port(), _free_port()]
+        running.append(_start_in_pid_namespace(apps[0], ports[0]))
+        running.append(_start_in_pid_namespace(apps[1], ports[1]))
+
+        async def alike() -> tuple[Client, Client, Client]:
+            a = await Client.open(ports[0])
+            for _ in range(50):  # until both workers listen
+                try:
+                    b2, b3 = sorted(await spread(ports[1], 2, limit=40), key=lambda client: client.pid)
+                    break
+                except AssertionError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the second instance's workers did not both listen")
+            assert pids(a)[:2] == pids(b2)[:2] == ["1", "2"] and pids(b3)[:2] == ["1", "3"]
+            for client in (a, b2):
+                assert await client.ask("join room") == "ok"
+            await wait_for_answer(b3, "count room", "count room 2")
+            a.send("togroup room from the first")
+            assert await a.line() == "from the first" and await b2.line() == "from the first"
+            assert await b2.ask("uid bob") == "ok"
+            await wait_for_answer(a, "online bob", "online bob True")
+            a.send("touid bob to bob")
+            assert await b2.line() == "to bob"
+            return a, b2, b3
+
+        async def restarted(old: Client, sender: Client) -> None:
+            c = await Client.open(ports[2])
+            assert pids(c) == pids(old)
+            for attempt in range(50):  # until the new worker has subscribed
+                sender.send(f"toclient {old.id} to the first run's client")
+                sender.send(f"toclient {c.id} to c {attempt}")
+                try:
+                    line = await c.line(timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                assert line.startswith("to c "), line
+                break
+            else:
+                raise AssertionError("c never got its message")
+            c.close()
+
+        async def main() -> None:
+            a, b2, b3 = await alike()
+            running[0].kill()
+            running[0].wait()
+            assert await a.reader.read() == b""
+            (apps[0].folder / ".longshore" / "start.pid").unlink()
+            running.append(_start_in_pid_namespace(apps[0], ports[2]))
+            await restarted(a, b3)
+            b2.close()
+            b3.close()
+
+        asyncio.run(main())
+    finally:
+        for process in running:
+            process.kill()
+            process.wait()
+        redis.kill()
+        redis.wait()
+
+
+HOSTILE_IDS = """
+from longshore import channel
+
+w = Worker("text://127.0.0.1:0", name="chat")
+
+def on_message(conn, line):
+    try:
+        conn.send(f"sent {channel.send_to_client(line, 'hi')}")
+    except ValueError:
+        conn.send("ValueError")
+
+w.on_connect = lambda conn: conn.send("id " + channel.client_id(conn))
+w.on_message = on_message
+"""
+
+
+def test_malformed_client_ids_raise_value_error(app_factory):
+    """send_to_client with an id that is not exactly a client id (from a hostile client:
+    a part over 16 hex digits, 0x, a sign, an underscore, spaces, capitals, a part too
+    many or too few) raises ValueError and sends nothing; a well-formed id works."""
+    app = app_factory(HOSTILE_IDS).start()
+
+    async def main() -> None:
+        a = await Client.open(app.port())
+        process, number = a.id.rsplit("-", 1)
+        host, rest = a.id.split("-", 1)
+        for bad in (
+            f"{process}-{'f' * 70000}",
+            f"{process}-{'1' * 17}",
+            f"{process}-0x{number}",
+            f"{process}-+{number}",
+            f"{process}-{number}_0",
+            f"{process}- {number} ",
+            f"{process}-",
+            f"{a.id}-1",
+            rest,
+            f"{host.upper()}a-{rest}",
+            f"{'f' * 70000}-{rest}",
+            "not an id",
+        ):
+            assert await a.ask(bad) == "ValueError", bad[:100]
+        assert await a.ask(a.id) == "hi" and await a.line() == "sent True"
+        assert await a.ask(f"{process}-{'f' * 16}") == "sent False"  # well-formed, no such connection
+        a.close()
+
+    asyncio.run(main())
+    assert app.processes("chat")[0]["throw_exception"] == 0
+
+
+LOCAL_COPY = """
+from longshore import channel
+
+w = Worker("text://127.0.0.1:0", name="chat")
+
+def on_item(topic, message):
+    for conn in list(w.connections.values()):
+        conn.send(f"got {type(message['items']).__name__} {message['n']}")
+
+def on_message(conn, line):
+    message = {"items": (1, 2), "n": 1}
+    channel.publish("items", message)
+    message["n"] = 2  # the publisher reuses its object at once
+
+channel.subscribe("items", on_item)
+w.on_message = on_message
+"""
+
+
+def test_local_subscribers_get_a_decoded_copy(app_factory):
+    """The publishing process's own subscribers get what the other processes get: a copy
+    decoded from the wire (a tuple arrives as a list), which the publisher's later
+    changes to its object do not reach."""
+    app = app_factory(LOCAL_COPY).start()
+    with socket.create_connection(("127.0.0.1", app.port()), timeout=5) as sock, sock.makefile("rwb") as stream:
+        stream.write(b"publish\n")
+        stream.flush()
+        assert stream.readline() == b"got list 1\n"

@@ -546,6 +546,7 @@ class Master:
         if "longshore.channel" in sys.modules or Worker.channel is not None:
             from . import channel
 
+            channel.start_in_master()
             if channel.needs_hub():
                 owners = [(identity.uid, identity.gid) for identity in self.worker_identities()]
                 self.helpers.append(Helper("channel", channel.hub_target(self.runtime, owners)))

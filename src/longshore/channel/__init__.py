@@ -9,7 +9,7 @@ Publish/subscribe between processes::
 
 Addressing connections wherever they are::
 
-    channel.client_id(conn)               # "3f2a9c1e-1a2b-1a40-7": host, master pid, pid, connection
+    channel.client_id(conn)               # "3f2a9c1e-9d04be72-1a2b-1a40-7": host, instance, master pid, pid, connection
     channel.bind_uid(conn, "alice")
     channel.join_group(conn, "room:1")
     channel.send_to_uid("alice", "hi")
@@ -57,7 +57,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core import Channel, ChannelError, ClientId, check_wire_topic, parse_client_id, process_address, user_topic
+from .core import Channel, ChannelError, ClientId, check_wire_topic, new_instance_tag, parse_client_id, process_address, user_topic
 from .gateway import Gateway
 
 if TYPE_CHECKING:
@@ -96,6 +96,12 @@ def hub_target(runtime: Runtime, owners: list[tuple[int, int]] | None = None) ->
 
     address = hub_address(runtime.pid_file)
     return lambda: run_hub(address, owners or [])
+
+
+def start_in_master() -> None:
+    """Master, when it starts (before it forks its workers): a new instance tag, which
+    its workers inherit and put in their addresses and client ids."""
+    new_instance_tag()
 
 
 async def start_in_worker(runtime: Runtime) -> None:
@@ -230,6 +236,7 @@ def send_to_client(client_id: str, data: Any) -> bool:
 
     Returns False if it was dropped here (unknown local connection, refused send, or
     the backend unreachable); True once handed over (delivery is not confirmed).
+    ValueError if ``client_id`` is not exactly a client id (see :func:`parse_client_id`).
     """
     return _require_gateway().send_to_client(client_id, data)
 

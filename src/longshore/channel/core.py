@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import socket
 from typing import Any, Callable, NamedTuple, Protocol as TypingProtocol
 
@@ -69,29 +71,52 @@ def host_id() -> str:
     return hashlib.sha1(seed).hexdigest()[:8]
 
 
+#: This instance's tag: eight hex digits drawn at random by the master when it starts
+#: (:func:`new_instance_tag`) and inherited by the workers it forks. It tells apart
+#: instances whose other address parts are alike: containers that share a host name
+#: (or the host's network) and each run their master as pid 1 with the same worker
+#: pids, or an instance restarted after a crash that gets its old pids again.
+_instance_tag = secrets.token_hex(4)
+
+
+def new_instance_tag() -> str:
+    """Draw a new instance tag (the master, when it starts, before it forks its workers)."""
+    global _instance_tag
+    _instance_tag = secrets.token_hex(4)
+    return _instance_tag
+
+
 class ClientId(NamedTuple):
-    """A parsed client id: ``<host>-<master pid>-<worker pid>-<connection id>`` (hex)."""
+    """A parsed client id: ``<host>-<instance>-<master pid>-<worker pid>-<connection id>``
+    (lowercase hex; the host and the instance tag are 8 digits each)."""
 
     host: str
+    instance: str
     master_pid: int
     pid: int
     connection_id: int
 
     @property
     def process(self) -> str:
-        """The address of the process that holds the connection (the first three parts)."""
-        return f"{self.host}-{self.master_pid:x}-{self.pid:x}"
+        """The address of the process that holds the connection (the first four parts)."""
+        return f"{self.host}-{self.instance}-{self.master_pid:x}-{self.pid:x}"
 
     def __str__(self) -> str:
         return f"{self.process}-{self.connection_id:x}"
 
 
+_NUMBER = "([0-9a-f]{1,16})"
+_CLIENT_ID = re.compile(f"([0-9a-f]{{8}})-([0-9a-f]{{8}})-{_NUMBER}-{_NUMBER}-{_NUMBER}")
+
+
 def parse_client_id(client_id: str) -> ClientId:
-    """Split a client id into its parts; ValueError if it is not one."""
-    parts = client_id.split("-")
-    if len(parts) != 4 or len(parts[0]) != 8:
-        raise ValueError(f"not a client id: {client_id!r}")
-    return ClientId(parts[0], int(parts[1], 16), int(parts[2], 16), int(parts[3], 16))
+    """Split a client id into its parts; ValueError if it is not one (only the exact
+    format is accepted: no sign, space, ``0x``, underscore, capital or over-long part)."""
+    match = _CLIENT_ID.fullmatch(client_id) if isinstance(client_id, str) else None
+    if match is None:
+        raise ValueError(f"not a client id: {str(client_id)[:80]!r}")
+    host, instance, master_pid, pid, connection_id = match.groups()
+    return ClientId(host, instance, int(master_pid, 16), int(pid, 16), int(connection_id, 16))
 
 
 def encode_envelope(origin: str, message: Any, extra: dict[str, Any] | None = None) -> bytes:
@@ -155,7 +180,7 @@ class Channel:
 
     def __init__(self, backend: Backend, address: str, prefix: str) -> None:
         self.backend = backend
-        #: This process's address: ``<host>-<master pid>-<pid>`` (hex).
+        #: This process's address: ``<host>-<instance>-<master pid>-<pid>`` (hex).
         self.address = address
         self.prefix = prefix
         self.callbacks: dict[str, list[Callable[[str, Any], Any]]] = {}
@@ -196,15 +221,24 @@ class Channel:
         """Send ``message`` to every subscriber of ``topic``, in every process.
 
         Subscribers in this process are called soon (from the event loop), the others
-        through the backend. Returns False when the message could not be handed to the
-        backend (it still reaches this process's subscribers); ``dropped`` counts it.
+        through the backend; all get a copy decoded from the wire payload (a change made
+        to ``message`` after the call reaches none of them; a tuple arrives as a list).
+        Returns False when the message could not be handed to the backend (it still
+        reaches this process's subscribers); ``dropped`` counts it.
         """
         wire_topic = self.user_topic(topic)
         check_wire_topic(wire_topic, "topic", topic)
+        payload = encode_envelope(self.address, message)
         process_stats.channel_published += 1
         if topic in self.callbacks:
-            asyncio.get_running_loop().call_soon(self._dispatch, topic, message)
-        return self.send(wire_topic, encode_envelope(self.address, message))
+            asyncio.get_running_loop().call_soon(self._dispatch_own, topic, payload)
+        return self.send(wire_topic, payload)
+
+    def _dispatch_own(self, topic: str, payload: bytes) -> None:
+        """This process's subscribers get the copy the others get, decoded from the same
+        payload: not the publisher's object, which it may change after ``publish``."""
+        if topic in self.callbacks:
+            self._dispatch(topic, decode_envelope(payload)[1])
 
     def _dispatch_routed(self, topic: str, header: dict[str, Any], message: Any) -> None:
         self._dispatch(topic, message)
@@ -260,5 +294,6 @@ class Channel:
 
 
 def process_address(master_pid: int | None = None) -> str:
-    """The address of this process, as used in client ids."""
-    return f"{host_id()}-{(master_pid or os.getppid()):x}-{os.getpid():x}"
+    """The address of this process, as used in client ids: host, instance tag, master
+    pid, pid (see :class:`ClientId`)."""
+    return f"{host_id()}-{_instance_tag}-{(master_pid or os.getppid()):x}-{os.getpid():x}"

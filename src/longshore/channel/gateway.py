@@ -183,7 +183,10 @@ class Gateway:
         return [connection for connection in self._local_connections().values() if not isinstance(connection, AsyncTcpConnection)]
 
     def send_to_client(self, client_id: str, message: Any) -> bool:
+        """ValueError, before anything is sent or counted, if ``client_id`` is not one."""
         parsed = parse_client_id(client_id)
+        topic = f"{self.channel.prefix}:gw:p:{parsed.process}"
+        check_wire_topic(topic, "client id", client_id)
         process_stats.channel_published += 1
         if parsed.process == self.address:
             connection = self._local_connections().get(parsed.connection_id)
@@ -191,7 +194,6 @@ class Gateway:
                 process_stats.channel_dropped += 1
                 return False
             return self.deliver((connection,), message) == 1
-        topic = f"{self.channel.prefix}:gw:p:{parsed.process}"
         return self.channel.send(topic, encode_envelope(self.address, message, {"c": parsed.connection_id}))
 
     def send_to_uid(self, uid: str, message: Any) -> bool:
