@@ -1169,3 +1169,220 @@ def test_local_subscribers_get_a_decoded_copy(app_factory):
         stream.write(b"publish\n")
         stream.flush()
         assert stream.readline() == b"got list 1\n"
+
+
+class _SlowRedisProxy:
+    """A TCP proxy to Redis, run in the test's event loop: each new connection waits
+    ``delay`` seconds before it is connected upstream; ``cut()`` closes every connection."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        await asyncio.sleep(self.delay)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers.add(upstream_writer)
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_groups_joined_and_left_while_reconnecting(app_factory, tmp_path):
+    """Groups joined while the process's subscribed connection to Redis is being set up
+    again (a proxy delays each new connection by 1 s) are subscribed once it is up: the
+    others see their counts and their messages reach the member. Groups left meanwhile
+    are unsubscribed."""
+    import redis as redis_client
+
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    admin = redis_client.Redis(port=redis_port)
+    app = app_factory(CHAT)
+    app.env["COUNT"] = "2"
+    groups = range(20)
+    try:
+
+        async def main() -> None:
+            proxy = _SlowRedisProxy(redis_port)
+            app.env["CHANNEL"] = f"redis://127.0.0.1:{await proxy.start()}/0"
+            await asyncio.to_thread(app.start)
+            a, b = await spread(await asyncio.to_thread(app.port), 2)
+            for index in groups:
+                assert await a.ask(f"join old{index}") == "ok"
+            await wait_for_answer(b, f"count old{groups[-1]}", f"count old{groups[-1]} 1")
+            proxy.delay = 1.0
+            proxy.cut()
+            # one join and one leave every 0.1 s while a's process connects again (the
+            # connections that the cut left in redis-py's pool fail first)
+            for index in groups:
+                assert await a.ask(f"join new{index}") == "ok"
+                assert await a.ask(f"leave old{index}") == "ok"
+                await asyncio.sleep(0.1)
+            for index in groups:
+                await wait_for_answer(b, f"count new{index}", f"count new{index} 1", timeout=5)
+                b.send(f"togroup new{index} reached {index}")
+                assert await a.line() == f"reached {index}"
+            topics = [f"longshore:gw:g:old{index}" for index in groups]
+            assert admin.pubsub_numsub(*topics) == [(topic.encode(), 0) for topic in topics]
+            a.close()
+            b.close()
+
+        asyncio.run(main())
+    finally:
+        app.cli("stop", check=False)
+        redis.kill()
+        redis.wait()
+
+
+REDIS_OUTBOX = """
+from longshore import channel
+from longshore.channel import redis_backend
+
+redis_backend.OUTBOX_LIMIT = 4 << 20  # bytes (the workers are forked after this)
+Worker.channel = os.environ["CHANNEL"]
+w = Worker("text://127.0.0.1:0", name="pub")
+
+async def on_message(conn, line):
+    cmd, _, arg = line.partition(" ")
+    if cmd == "pub":  # arg messages of 1 MiB
+        ok = sum(1 for _ in range(int(arg)) if channel.publish("big", b"z" * (1 << 20)))
+        conn.send(f"pub {ok}")
+    elif cmd == "count":
+        try:
+            conn.send(f"count {await channel.group_count(arg)}")
+        except channel.ChannelError:
+            conn.send("count error")
+
+w.on_connect = lambda conn: conn.send("id " + channel.client_id(conn))
+w.on_message = on_message
+"""
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_outbox_is_bounded_by_bytes_while_redis_stalls(app_factory, tmp_path):
+    """While Redis stalls (SIGSTOP: its connections stay open), publish takes messages
+    up to OUTBOX_LIMIT bytes and refuses the rest (counted as dropped), so the worker's
+    memory stays bounded; the batch that times out is a disconnection (what waited is
+    dropped, queries fail at once), and the worker carries on once Redis is back."""
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    app = app_factory(REDIS_OUTBOX)
+    app.env["CHANNEL"] = f"redis://127.0.0.1:{redis_port}/0"
+    port = app.start().port()
+    try:
+
+        async def main() -> None:
+            client = await Client.open(port)
+            pid = client.pid
+            assert await client.ask("pub 1") == "pub 1"
+            before = _rss(pid)
+            os.kill(redis.pid, signal.SIGSTOP)
+            line = await client.ask("pub 32")
+            assert 2 <= int(line.split()[1]) <= 5, line  # 4 MiB (encoded), and the one that went over
+            assert _rss(pid) - before < 16 << 20, (before, _rss(pid))
+            # the batch times out (redis-py's 5 s): every message of "pub 32" is lost
+            await asyncio.to_thread(
+                wait_for,
+                lambda: app.processes("pub")[0]["channel"]["dropped"] >= 32,
+                10,
+                what="the lost messages counted",
+            )
+            started = time.monotonic()
+            assert await client.ask("count room") == "count error"
+            assert time.monotonic() - started < 1, "a query still waited for the stalled Redis"
+            os.kill(redis.pid, signal.SIGCONT)
+            await wait_for_answer(client, "pub 1", "pub 1", timeout=15)
+            client.close()
+
+        asyncio.run(main())
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+        app.cli("stop", check=False)
+        redis.kill()
+        redis.wait()
+
+
+SHORT_ALIVE = """
+from longshore.channel import redis_backend
+
+redis_backend.ALIVE_SECONDS = 1  # (the workers are forked after this)
+redis_backend.ALIVE_REFRESH = 0.3
+""" + CHAT
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_count_fields_of_dead_processes_are_deleted(app_factory, tmp_path):
+    """The count fields of a process killed with -9 are deleted by the first count
+    query after its alive key expired; a process that could not refresh its alive key
+    in time (stopped) and lost its fields that way writes them again."""
+    import redis as redis_client
+
+    redis_port = _free_port()
+    redis = _start_redis(redis_port, tmp_path)
+    admin = redis_client.Redis(port=redis_port)
+    app = app_factory(SHORT_ALIVE)
+    app.env["CHANNEL"] = f"redis://127.0.0.1:{redis_port}/0"
+    app.env["COUNT"] = "2"
+    port = app.start().port()
+    try:
+
+        async def main() -> None:
+            a, b = await spread(port, 2)
+            assert await a.ask("uid ghost") == "ok" and await a.ask("join haunt") == "ok"
+            assert await b.ask("uid sleeper") == "ok"
+            await wait_for_answer(b, "online ghost", "online ghost True")
+            await wait_for_answer(a, "online sleeper", "online sleeper True")
+            # b's process stops for longer than its alive key lives: a's query deletes its field
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)
+                assert await a.ask("online sleeper") == "online sleeper False"
+                assert not admin.exists("longshore:count:u:sleeper")
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            await wait_for_answer(a, "online sleeper", "online sleeper True", timeout=3)  # written again
+            # a's process is killed: its fields go once its alive key has expired
+            os.kill(a.pid, signal.SIGKILL)
+            await asyncio.sleep(1.5)
+            assert await b.ask("online ghost") == "online ghost False"
+            assert await b.ask("count haunt") == "count haunt 0"
+            assert not admin.exists("longshore:count:u:ghost") and not admin.exists("longshore:count:g:haunt")
+            a.close()
+            b.close()
+
+        asyncio.run(main())
+    finally:
+        app.cli("stop", check=False)
+        redis.kill()
+        redis.wait()

@@ -9,7 +9,10 @@ Counts: each process writes how many connections it holds for a key into the has
 ``<prefix>:count:<key>`` (field: its process address) and keeps a key
 ``<prefix>:alive:<address>`` with a short expiry alive. A query adds up the fields of
 live processes only, so a process that died without cleaning up stops counting within
-``ALIVE_SECONDS``.
+``ALIVE_SECONDS``; the same query (a Lua script, so atomically) deletes the fields of
+processes whose alive key is gone. A process whose alive key had expired while it lived
+(it could not refresh it for ``ALIVE_SECONDS``: its fields may have been deleted)
+finds it out when it refreshes the key (``SET NX`` creates it) and rewrites its counts.
 
 A count is written as it is when the writer sends it, not as it was when it changed:
 ``set_count`` marks the key dirty, and the writer's next batch writes its current value
@@ -19,13 +22,19 @@ count that dropped to zero during an outage is deleted too (Redis may have kept 
 old value, or loaded it from disk). Count writes go out one pipeline at a time, so an
 older value can never land after a newer one.
 
-Outages: when the subscribed connection fails, the process marks itself disconnected
-and tries again with a growing delay (50 ms up to 1 s). Once back, it subscribes again
-and rewrites its counts and alive key (Redis may have restarted empty). While
-disconnected, ``publish`` refuses at once (the channel counts the message as
-dropped); a batch that fails to reach Redis is counted as dropped too. Messages that
-others published to this process during the outage are lost: Redis pub/sub keeps
-nothing for an absent subscriber.
+Outages: when the subscribed connection fails, or a batch or count query fails to
+reach Redis or times out (a Redis that stalls keeps its connections open), the process
+marks itself disconnected and tries again with a growing delay (50 ms up to 1 s). Once
+back, it subscribes again and rewrites its counts and alive key (Redis may have
+restarted empty). While disconnected, ``publish`` refuses at once (the channel counts
+the message as dropped); the messages of a batch that fails to reach Redis, and those
+still waiting behind it, are counted as dropped too. Messages waiting for the writer
+are bounded by size (``OUTBOX_LIMIT`` bytes), beyond which ``publish`` refuses.
+Messages that others published to this process during the outage are lost: Redis
+pub/sub keeps nothing for an absent subscriber.
+
+Subscriptions made while the subscribed connection is being set up are sent once it is
+up (``SUBSCRIBE`` takes its topic list before it connects).
 """
 
 from __future__ import annotations
@@ -44,9 +53,28 @@ RETRY_MIN = 0.05
 RETRY_MAX = 1.0
 ALIVE_SECONDS = 10
 ALIVE_REFRESH = 3.0
-#: Messages waiting for the writer beyond this are dropped (Redis is too slow).
-OUTBOX_LIMIT = 100_000
+#: Bytes of messages waiting for the writer (or in its batch) beyond which ``publish``
+#: refuses (Redis is too slow, or stalls); like the embedded hub's LINK_BUFFER_LIMIT.
+OUTBOX_LIMIT = 64 * 1024 * 1024
 BATCH = 1000
+
+#: Adds up the count fields of ``KEYS[1]`` whose process is alive (key ``ARGV[1]`` +
+#: field), except the field ``ARGV[2]`` (the caller's own), and deletes the others.
+COUNT_SCRIPT = """
+local total = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+    local address = fields[i]
+    if address ~= ARGV[2] then
+        if redis.call('EXISTS', ARGV[1] .. address) == 1 then
+            total = total + tonumber(fields[i + 1])
+        else
+            redis.call('HDEL', KEYS[1], address)
+        end
+    end
+end
+return total
+"""
 
 
 class RedisBackend:
@@ -66,6 +94,10 @@ class RedisBackend:
         self.dirty: set[str] = set()
         self.count_lock: asyncio.Lock | None = None
         self.outbox: deque[tuple[Any, ...]] = deque()
+        #: Payload bytes of the messages in ``outbox`` and in the batch being sent.
+        self.outbox_bytes = 0
+        #: A command failed to reach Redis: the reader drops the subscribed connection.
+        self.link_failed = False
         self.wake: asyncio.Event | None = None
         self.ready: asyncio.Event | None = None
         self.client: Any = None
@@ -74,6 +106,8 @@ class RedisBackend:
         self.subscribing: set[asyncio.Task[Any]] = set()
         self.unsubscribing: set[asyncio.Task[Any]] = set()
         self.control_topic = f"{prefix}:ctl:{address}"
+        self.alive_key = f"{prefix}:alive:{address}"
+        self.count_script: Any = None
         self.on_message: Callable[[str, bytes], None] = lambda topic, payload: None
         self.on_connected: Callable[[], None] = lambda: None
 
@@ -92,6 +126,7 @@ class RedisBackend:
         self.ready = asyncio.Event()
         self.count_lock = asyncio.Lock()
         self.client = self._new_client()
+        self.count_script = self.client.register_script(COUNT_SCRIPT)
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._read_loop()), loop.create_task(self._write_loop()), loop.create_task(self._keep_alive())]
         try:
@@ -105,7 +140,7 @@ class RedisBackend:
         if self.connected:
             self.counts.clear()
             self.dirty |= self.written
-            self.outbox.append(("delete", f"{self.prefix}:alive:{self.address}"))
+            self.outbox.append(("delete", self.alive_key))
             if self.wake is not None:
                 self.wake.set()
             for _ in range(100):
@@ -127,9 +162,9 @@ class RedisBackend:
         delay = RETRY_MIN
         while not self.stopping:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            self.link_failed = False
             try:
-                await pubsub.subscribe(self.control_topic, *self.topics)
-                self.pubsub = pubsub
+                await self._subscribe_all(pubsub)
                 await self._resync()
                 self.connected = True
                 delay = RETRY_MIN
@@ -138,10 +173,11 @@ class RedisBackend:
                 self.wake.set()  # counts that changed during the resync
                 log.info("channel: connected to Redis %s", self.url)
                 self.on_connected()
-                while True:
+                while not self.link_failed:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message["type"] == "message":
                         self.on_message(message["channel"].decode(), message["data"])
+                raise ConnectionError("a command to Redis failed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -161,13 +197,29 @@ class RedisBackend:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
+    async def _subscribe_all(self, pubsub: Any) -> None:
+        """Subscribe ``pubsub`` to the control topic and ``self.topics``, then make it
+        the one that ``subscribe`` and ``unsubscribe`` use.
+
+        Until then they only change ``self.topics``, which may change while this
+        connects: what changed meanwhile is sent once connected.
+        """
+        sent = set(self.topics)
+        await pubsub.subscribe(self.control_topic, *sent)
+        self.pubsub = pubsub
+        added, removed = self.topics - sent, sent - self.topics
+        if added:
+            await pubsub.subscribe(*added)
+        if removed:
+            await pubsub.unsubscribe(*removed)
+
     async def _resync(self) -> None:
         """Rewrite this process's counts and alive key (Redis may have restarted empty,
         or with values that changed during the outage)."""
         assert self.count_lock is not None
         async with self.count_lock:
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(f"{self.prefix}:alive:{self.address}", 1, ex=ALIVE_SECONDS)
+            pipe.set(self.alive_key, 1, ex=ALIVE_SECONDS)
             keys = self.written | self.dirty
             self.dirty.clear()
             self._write_counts(pipe, keys)
@@ -220,9 +272,10 @@ class RedisBackend:
 
     # -- writing (publishing and counts) ---------------------------------------------
     def publish(self, topic: str, payload: bytes) -> bool:
-        if not self.connected or len(self.outbox) >= OUTBOX_LIMIT:
+        if not self.connected or self.outbox_bytes > OUTBOX_LIMIT:
             return False
         self.outbox.append(("publish", topic, payload))
+        self.outbox_bytes += len(payload)
         assert self.wake is not None
         self.wake.set()
         return True
@@ -260,6 +313,7 @@ class RedisBackend:
         """Send one batch: queued commands and the dirty counts. True if it failed."""
         outbox = self.outbox
         batch = [outbox.popleft() for _ in range(min(BATCH, len(outbox)))]
+        size = sum(len(command[2]) for command in batch if command[0] == "publish")
         keys: set[str] = set()
         if self.connected:
             keys, self.dirty = self.dirty, set()
@@ -278,26 +332,67 @@ class RedisBackend:
                 log.warning("channel: %d message(s) to Redis lost (%s)", lost, exc)
             if keys:
                 log.warning("channel: %d count(s) not written to Redis (%s); trying again", len(keys), exc)
+            if _is_link_error(exc):
+                self._lose_link(exc)
             return bool(keys)
+        finally:
+            self.outbox_bytes -= size
         return False
+
+    def _lose_link(self, exc: BaseException) -> None:
+        """A command failed to reach Redis, or timed out: refuse to publish, drop what
+        waits to be sent, and have the reader connect again (which resyncs)."""
+        lost = [command for command in self.outbox if command[0] == "publish"]
+        self.outbox.clear()
+        self.outbox_bytes -= sum(len(command[2]) for command in lost)
+        process_stats.channel_dropped += len(lost)
+        if self.connected:  # else the reader knows already (or is connecting)
+            self.connected = False
+            self.link_failed = True
+            log.warning("channel: Redis %s failed (%s); reconnecting", self.url, exc)
+        if lost:
+            log.warning("channel: %d message(s) waiting for Redis lost", len(lost))
 
     async def _keep_alive(self) -> None:
         while True:
             await asyncio.sleep(ALIVE_REFRESH)
-            if self.connected:
-                self.outbox.append(("set", f"{self.prefix}:alive:{self.address}", 1, ALIVE_SECONDS))
-                assert self.wake is not None
-                self.wake.set()
+            if self.connected and not self.stopping:
+                await self._refresh_alive()
+
+    async def _refresh_alive(self) -> None:
+        """Refresh the alive key. If it had expired, another process may have deleted
+        this process's count fields since (see ``COUNT_SCRIPT``): write them again."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.alive_key, 1, ex=ALIVE_SECONDS, nx=True)  # only if it had expired
+        pipe.expire(self.alive_key, ALIVE_SECONDS)
+        try:
+            created, _ = await pipe.execute()
+        except Exception as exc:
+            log.debug("channel: the alive key not refreshed (%s)", exc)
+            if _is_link_error(exc):
+                self._lose_link(exc)
+            return
+        if created and self.connected:
+            self.dirty |= self.written
+            assert self.wake is not None
+            self.wake.set()
 
     # -- counts ----------------------------------------------------------------------
     async def get_count(self, key: str) -> int:
         if not self.connected:
             raise ChannelError(f"Redis {self.url} is not connected")
         try:
-            values = await self.client.hgetall(f"{self.prefix}:count:{key}")
-            others = [field for field in values if field.decode() != self.address]
-            alive = await self.client.mget([f"{self.prefix}:alive:{field.decode()}" for field in others]) if others else []
+            total = await self.count_script(keys=[f"{self.prefix}:count:{key}"], args=[f"{self.prefix}:alive:", self.address])
         except Exception as exc:
+            if _is_link_error(exc):
+                self._lose_link(exc)
             raise ChannelError(f"Redis {self.url}: {exc}") from exc
-        total = sum(int(values[field]) for field, live in zip(others, alive) if live is not None)
-        return total + self.counts.get(key, 0)
+        return int(total) + self.counts.get(key, 0)
+
+
+def _is_link_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis could not be reached (or did not answer in time), as
+    opposed to an error reply."""
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError))
