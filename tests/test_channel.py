@@ -263,6 +263,18 @@ except OSError as exc:
 """
 
 
+async def two_workers_share_a_group(port: int, text: str) -> None:
+    """Clients on two workers join group ``deep``, count 2, and both get ``text`` sent to it."""
+    a, b = await spread(port, 2)
+    for client in (a, b):
+        assert await client.ask("join deep") == "ok"
+    await wait_for_answer(a, "count deep", "count deep 2")
+    a.send(f"togroup deep {text}")
+    assert await a.line() == text and await b.line() == text
+    a.close()
+    b.close()
+
+
 def test_embedded_hub_with_a_socket_path_too_long_for_sun_path(app_factory):
     """In a deep app folder the hub's socket cannot live next to the pid file: it is a
     file in a private folder (0700, replaced if someone else made it), never an abstract
@@ -286,18 +298,7 @@ def test_embedded_hub_with_a_socket_path_too_long_for_sun_path(app_factory):
         nobody = pwd.getpwnam("nobody")
         os.chown(folder, nobody.pw_uid, nobody.pw_gid)
     port = app.start().port()
-
-    async def round_trip() -> None:
-        a, b = await spread(port, 2)
-        for client in (a, b):
-            assert await client.ask("join deep") == "ok"
-        await wait_for_answer(a, "count deep", "count deep 2")
-        a.send("togroup deep across the hub")
-        assert await a.line() == "across the hub" and await b.line() == "across the hub"
-        a.close()
-        b.close()
-
-    asyncio.run(round_trip())
+    asyncio.run(two_workers_share_a_group(port, "across the hub"))
     folder_stat = os.lstat(folder)
     assert stat.S_ISDIR(folder_stat.st_mode) and folder_stat.st_uid == os.geteuid()
     assert stat.S_IMODE(folder_stat.st_mode) == 0o700, oct(folder_stat.st_mode)
@@ -329,18 +330,7 @@ def test_embedded_hub_with_a_long_path_and_workers_run_as_another_user(app_facto
     app.env["COUNT"] = "2"
     address = embedded.hub_address(str(app.pid_file))
     port = app.start().port()
-
-    async def round_trip() -> None:
-        a, b = await spread(port, 2)
-        for client in (a, b):
-            assert await client.ask("join deep") == "ok"
-        await wait_for_answer(a, "count deep", "count deep 2")
-        a.send("togroup deep as nobody")
-        assert await a.line() == "as nobody" and await b.line() == "as nobody"
-        a.close()
-        b.close()
-
-    asyncio.run(round_trip())
+    asyncio.run(two_workers_share_a_group(port, "as nobody"))
     for process in app.processes("chat"):
         assert os.stat(f"/proc/{process['pid']}").st_uid == nobody.pw_uid
     folder_stat = os.lstat(os.path.dirname(address))
