@@ -39,6 +39,7 @@ import mimetypes
 import os
 import re
 import stat
+import sys
 import time
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
@@ -47,8 +48,9 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ...connection.tcp import PAUSED_BY_PROTOCOL
 from ...errors import PackageTooLarge, ProtocolError
+from ...stats import process_stats
 from ..base import Protocol
-from .request import Request
+from .request import FORM_URLENCODED, Request, media_type
 from .response import Chunk, EventStream, FileResponse, Response, ServerSentEvent, STATUS_LINES
 from .uploads import MultipartReader
 
@@ -468,6 +470,11 @@ class HttpProtocol(Protocol):
             raise self._error
         size = len(name)
         if size == 12 and name.lower() == b"content-type":
+            if self._content_type is not None:
+                # a singleton field (RFC 9110, 5.3): the limits and the application could
+                # each go by a different one
+                self._error = ProtocolError("more than one Content-Type header", response=BAD_REQUEST)
+                raise self._error
             self._content_type = value
         elif size == 6 and name.lower() == b"expect":
             if value.lower() != b"100-continue":
@@ -508,7 +515,7 @@ class HttpProtocol(Protocol):
         if version == "1.0":
             self._http_10(self._request)
         content_type = self._content_type
-        if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
+        if content_type is not None and media_type(content_type.decode("latin-1")) == "multipart/form-data":
             try:
                 self._multipart = MultipartReader(content_type, self.upload_memory_limit, self.upload_dir)
             except ProtocolError as exc:
@@ -582,7 +589,7 @@ class HttpProtocol(Protocol):
             self._body = None
             content_type = self._content_type
             limit = self.max_form_fields
-            if limit and content_type is not None and content_type[:33].lower() == b"application/x-www-form-urlencoded" and request.body.count(b"&") >= limit:
+            if limit and content_type is not None and request.body.count(b"&") >= limit and media_type(content_type.decode("latin-1")) == FORM_URLENCODED:
                 self._too_many_fields(limit)
         if self._trailers is not None:
             request.raw_trailers = self._trailers
@@ -960,7 +967,8 @@ class HttpProtocol(Protocol):
         """``on_message`` raised on the request ``message`` (or its coroutine did, or a
         ``send()`` of its answer raised) before it was answered.
 
-        It gets a ``500`` with ``Connection: close`` in its place: after the answers
+        It gets a ``500`` with ``Connection: close`` in its place (a ``413`` when the
+        handler failed on a request over a limit, see :meth:`_failure_answer`): after the answers
         still owed to the requests before it, which go out whole first. The requests
         after it get no answer (their handlers are not called while the connection waits
         for its turn; clients send such requests again), and the connection closes after
@@ -979,9 +987,20 @@ class HttpProtocol(Protocol):
             pass  # the requests after it: never answered
         connection._hold_input()  # their handlers wait (for good: the connection closes)
         self._input_paused = False  # ... whatever drains, and whatever the application resumes
-        self._final_answer = INTERNAL_ERROR
+        self._final_answer = self._failure_answer()
         self._turn_waits = True
         self._turn_came()
+
+    @staticmethod
+    def _failure_answer() -> bytes:
+        """What a failed handler's request gets: a 500, or a 413 (counted as
+        ``package_too_large``) when the exception is the one ``request.form`` raises for
+        too many fields. ``message_failed`` is called while that exception is handled."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, PackageTooLarge) and exc.response is PAYLOAD_TOO_LARGE:
+            process_stats.package_too_large += 1
+            return PAYLOAD_TOO_LARGE
+        return INTERNAL_ERROR
 
     def _abandon_stream(self, message: Any) -> None:
         """The handler of ``message`` raised after it started a chunked answer, and never

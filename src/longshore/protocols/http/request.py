@@ -13,6 +13,8 @@ import json as _json
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qsl, unquote
 
+from ...errors import PackageTooLarge
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -115,6 +117,17 @@ def remove_dot_segments(path: str) -> str:
     if segments[-1] == "." or segments[-1] == "..":
         kept.append("")
     return "/" + "/".join(kept)
+
+
+def media_type(value: str) -> str:
+    """The media type of a ``Content-Type`` value, lowercase and without its parameters
+    (``application/json``): only the spaces and tabs HTTP allows around it are removed.
+    The protocol's checks and :class:`Request` read the body's type with this alike."""
+    return value.partition(";")[0].strip(" \t").lower()
+
+
+#: The media type of a urlencoded form body.
+FORM_URLENCODED = "application/x-www-form-urlencoded"
 
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
@@ -242,7 +255,7 @@ class Request:
     @property
     def content_type(self) -> str:
         """The media type of the body, without parameters (``application/json``)."""
-        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        return media_type(self.headers.get("content-type", ""))
 
     @property
     def cookies(self) -> dict[str, str]:
@@ -267,15 +280,30 @@ class Request:
 
     @property
     def form(self) -> MultiDict:
-        """Form fields of an ``application/x-www-form-urlencoded`` or multipart body."""
+        """Form fields of an ``application/x-www-form-urlencoded`` or multipart body.
+
+        A urlencoded body with more fields than ``HttpProtocol.max_form_fields`` raises
+        :class:`~longshore.errors.PackageTooLarge`, answered with a 413 (the protocol
+        refuses such a body before delivering it, but not one the application set itself,
+        say after unpacking it)."""
         form = self._form
         if form is None:
-            if self.content_type == "application/x-www-form-urlencoded":
-                form = MultiDict(parse_qsl(self.body.decode("latin-1"), keep_blank_values=True))
+            if self.content_type == FORM_URLENCODED:
+                form = MultiDict(self._parse_urlencoded())
             else:
                 form = MultiDict()
             self._form = form
         return form
+
+    def _parse_urlencoded(self) -> list[tuple[str, str]]:
+        from .protocol import PAYLOAD_TOO_LARGE, HttpProtocol
+
+        protocol = getattr(self.connection, "protocol", None)
+        limit = protocol.max_form_fields if isinstance(protocol, HttpProtocol) else HttpProtocol.max_form_fields
+        try:
+            return parse_qsl(self.body.decode("latin-1"), keep_blank_values=True, max_num_fields=limit or None)
+        except ValueError:  # more than max_num_fields
+            raise PackageTooLarge(f"form with more than {limit} fields", response=PAYLOAD_TOO_LARGE) from None
 
     @property
     def files(self) -> MultiDict:

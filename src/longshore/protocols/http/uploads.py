@@ -6,10 +6,17 @@ it is read, so an upload never sits in memory whole: a file part stays in memory
 ``HttpProtocol.upload_dir``, or the system's temporary folder) that is deleted when the
 :class:`UploadedFile` is closed or garbage-collected, when the connection closes before
 the request is complete, and at the latest when the worker process ends.
+
+A body that is not well formed (a part without a name, bad encoding, a body that ends
+before its closing boundary or is empty) is a :class:`~longshore.errors.ProtocolError`:
+the protocol answers 400. ``python-multipart``'s own log lines (a line for each file moved
+to disk, a warning for each malformed body) are left out: its logger is set to ``ERROR``
+here, unless the application set a level of its own before.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -17,6 +24,10 @@ import weakref
 from typing import IO, Any
 
 from ...errors import ProtocolError
+
+_multipart_log = logging.getLogger("python_multipart")
+if _multipart_log.level == logging.NOTSET:
+    _multipart_log.setLevel(logging.ERROR)
 
 #: Control characters, which have no place in a file name.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -201,19 +212,22 @@ class MultipartReader:
             raise ProtocolError(f"malformed multipart body: {exc}") from None
 
     def finish(self) -> None:
-        """The body is complete."""
-        assert self.parser is not None, "finish() twice"
+        """The body is complete: ProtocolError unless it ended with its closing boundary
+        (an empty body too; whatever follows that boundary, the epilogue, is ignored)."""
+        from python_multipart.multipart import MultipartState
+
+        parser = self.parser
+        assert parser is not None, "finish() twice"
         try:
-            self.parser.finalize()
+            parser.finalize()
+            if parser.state != MultipartState.END:
+                raise ValueError("the body ends before its closing boundary")
         except Exception as exc:
             raise ProtocolError(f"malformed multipart body: {exc}") from None
         finally:
             # The parser holds this reader's bound methods: dropping it breaks the cycle,
             # so the uploads go as soon as the application lets go of the request.
             self.parser = None
-        part, self._part = self._part, None
-        if part is not None and self._is_file:  # the body ended inside a file part: it is left out
-            part.close()
 
     def close(self) -> None:
         """The request will not be delivered: close its files (deleting those on disk)."""
