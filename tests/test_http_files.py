@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from email.utils import formatdate
@@ -333,7 +334,9 @@ def _session_round_trip(port: int) -> None:
         assert first.json()["visits"] == 1 and first.json()["new"] is True
         second = client.get(url(port, "/session")).json()
         assert second == {"id": first.json()["id"], "visits": 2, "new": False}
-        assert "set-cookie" not in client.get(url(port, "/session")).headers
+        third = client.get(url(port, "/session"))
+        # each save keeps the session for another lifetime: the cookie goes out again with it
+        assert third.headers["set-cookie"].startswith(f"SID={first.json()['id']};") and "Max-Age=600" in third.headers["set-cookie"]
         bye = client.get(url(port, "/logout"))
         assert "Max-Age=0" in bye.headers["set-cookie"]
         client.cookies.clear()
@@ -390,6 +393,198 @@ def test_sessions_in_redis(tmp_path):
             app.kill_everything()
         redis.terminate()
         redis.wait(10)
+
+
+SESSIONS = r'''
+from longshore.http import Response, configure_sessions, FileSessionStore
+if os.environ.get("SESSION_DIR"):
+    sweeps = {"gc_interval": float(os.environ["GC_INTERVAL"])} if os.environ.get("GC_INTERVAL") else {}
+    configure_sessions(FileSessionStore(os.environ["SESSION_DIR"], **sweeps), lifetime=int(os.environ.get("LIFETIME", "600")))
+if os.environ.get("STALE_TEMPORARY"):
+    FileSessionStore.STALE_TEMPORARY = float(os.environ["STALE_TEMPORARY"])
+web = Worker("http://127.0.0.1:0", name="web", user=os.environ.get("WORKER_USER") or None)
+
+async def on_message(conn, request):
+    path = request.path
+    if path == "/cookie-set":
+        response = Response("set")
+        for index, value in enumerate(json.loads(request.query["values"])):
+            response.set_cookie(f"c{index}", value)
+        conn.send(response)
+        return
+    if path == "/cookie-get":
+        conn.send(json.dumps(request.cookies))
+        return
+    try:
+        session = await request.session()
+        if path == "/visit":
+            session["visits"] = session.get("visits", 0) + 1
+            await session.save()
+        elif path == "/peek":
+            pass
+        elif path == "/logout":  # an application that saves at the end of every request
+            await session.destroy()
+            await session.save()
+        elif path == "/logout-then-flash":
+            await session.destroy()
+            session["flash"] = "bye"
+            await session.save()
+        elif path == "/unserialisable":
+            session["tags"] = {"a", "b"}
+            await session.save()
+    except Exception as exc:
+        conn.send(Response(f"{type(exc).__name__}: {exc}", 500))
+        return
+    conn.send(Response(json.dumps({"id": session.id, "new": session.is_new, "data": dict(session), "pid": os.getpid()}), content_type="application/json"))
+
+web.on_message = on_message
+'''
+
+
+def _session_app(app_factory, **env: str):
+    app = app_factory(SESSIONS)
+    app.env.update(env)
+    app.start()
+    return app, app.port()
+
+
+def test_the_default_session_folder_is_private_to_the_application(app_factory):
+    app, port = _session_app(app_factory)
+    with httpx.Client() as client:
+        visit = client.get(url(port, "/visit")).json()
+        assert client.get(url(port, "/visit")).json()["data"] == {"visits": 2}
+    folder = app.folder / ".longshore" / "start.sessions"
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+    files = os.listdir(folder)
+    assert files == [f"sess_{visit['id']}.json"]
+    assert stat.S_IMODE(os.stat(folder / files[0]).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("kind", ["symlink", "open-mode"])
+def test_a_session_folder_others_could_reach_is_refused(app_factory, tmp_path, kind):
+    app = app_factory(SESSIONS)
+    folder = app.folder / ".longshore" / "start.sessions"
+    folder.parent.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    if kind == "symlink":
+        folder.symlink_to(elsewhere)
+    else:
+        folder.mkdir()
+        folder.chmod(0o777)
+    app.start()
+    answer = httpx.get(url(app.port(), "/visit"))
+    assert answer.status_code == 500 and "PermissionError" in answer.text and "refusing" in answer.text, answer.text
+    assert os.listdir(elsewhere) == [] and os.listdir(folder) == []
+
+
+def test_a_symlink_planted_where_a_session_is_written_is_not_followed(app_factory, tmp_path):
+    folder = tmp_path / "sessions"
+    app, port = _session_app(app_factory, SESSION_DIR=str(folder))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    with httpx.Client() as client:
+        first = client.get(url(port, "/visit")).json()
+        os.symlink(victim, folder / f"sess_{first['id']}.json.{first['pid']}.tmp")  # the temporary name once used
+        assert client.get(url(port, "/visit")).json()["data"] == {"visits": 2}
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(folder / f"sess_{first['id']}.json")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching the workers' user needs root")
+def test_workers_running_as_another_user_get_the_default_session_folder(app_factory, tmp_path_factory):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    app = app_factory(SESSIONS)
+    app.env["WORKER_USER"] = "nobody"
+    # nobody must be able to pass through the test's folders (pytest makes them 0700)
+    passages = [folder for folder in [app.folder, *app.folder.parents] if str(folder).startswith(str(tmp_path_factory.getbasetemp().parent))]
+    modes = {folder: stat.S_IMODE(folder.stat().st_mode) for folder in passages}
+    try:
+        for folder, mode in modes.items():
+            folder.chmod(mode | 0o011)
+        app.start()
+        with httpx.Client() as client:
+            visit = client.get(url(app.port(), "/visit")).json()
+            assert client.get(url(app.port(), "/visit")).json()["data"] == {"visits": 2}, visit
+    finally:
+        for folder, mode in modes.items():
+            folder.chmod(mode)
+    folder = app.folder / ".longshore" / "start.sessions"
+    found = os.lstat(folder)
+    assert (found.st_uid, stat.S_IMODE(found.st_mode)) == (nobody.pw_uid, 0o700)
+    assert os.stat(folder / f"sess_{visit['id']}.json").st_uid == nobody.pw_uid
+
+
+def test_expired_sessions_and_stale_temporary_files_are_collected(app_factory, tmp_path):
+    folder = tmp_path / "sessions"
+    app, port = _session_app(app_factory, SESSION_DIR=str(folder), LIFETIME="1", GC_INTERVAL="0.5", STALE_TEMPORARY="0.5")
+    for _ in range(20):
+        assert httpx.get(url(port, "/visit")).status_code == 200
+    (folder / "sess_left.over.tmp").write_text("{")  # as a crash in the middle of a save leaves it
+    time.sleep(1.2)
+    with httpx.Client() as client:
+        alive = client.get(url(port, "/visit")).json()["id"]
+        wait_for(lambda: os.listdir(folder) == [f"sess_{alive}.json"], timeout=5, what=f"a sweep of {folder}")
+        assert client.get(url(port, "/visit")).json()["data"] == {"visits": 2}
+
+
+def test_an_active_session_cookie_is_sent_again_with_each_save(app_factory, tmp_path):
+    app, port = _session_app(app_factory, SESSION_DIR=str(tmp_path / "sessions"), LIFETIME="2")
+    jar = tmp_path / "jar"
+    for step in range(3):  # curl drops the cookie after its Max-Age, as a browser does
+        out = subprocess.run(["curl", "-s", "-i", "-c", jar, "-b", jar, url(port, "/visit")], capture_output=True, text=True, check=True).stdout
+        body = json.loads(out.splitlines()[-1])
+        assert body["data"] == {"visits": step + 1}, (step, out)
+        assert f"Set-Cookie: LONGSHORE_SESSION={body['id']}; Max-Age=2;" in out
+        time.sleep(1.2)
+    assert "Set-Cookie" not in subprocess.run(["curl", "-s", "-i", "-b", jar, url(port, "/peek")], capture_output=True, text=True).stdout
+
+
+def test_saving_a_destroyed_session_does_not_bring_its_id_back(app_factory, tmp_path):
+    folder = tmp_path / "sessions"
+    app, port = _session_app(app_factory, SESSION_DIR=str(folder))
+    with httpx.Client() as client:
+        old = client.get(url(port, "/visit")).json()["id"]
+        bye = client.get(url(port, "/logout"))
+        assert "Max-Age=0" in bye.headers["set-cookie"] and os.listdir(folder) == []
+    with httpx.Client(cookies={"LONGSHORE_SESSION": old}) as client:
+        again = client.get(url(port, "/peek")).json()
+        assert again["new"] is True and again["id"] != old
+        flash = client.get(url(port, "/logout-then-flash"))
+        fresh = flash.json()
+        assert fresh["id"] != old and fresh["data"] == {"flash": "bye"}
+        assert flash.headers["set-cookie"].startswith(f"LONGSHORE_SESSION={fresh['id']};")
+    assert os.listdir(folder) == [f"sess_{fresh['id']}.json"]
+
+
+def test_a_session_id_must_match_exactly(app_factory, tmp_path):
+    folder = tmp_path / "sessions"
+    app, port = _session_app(app_factory, SESSION_DIR=str(folder))
+    known = httpx.get(url(port, "/visit")).json()["id"]
+    with open(folder / f"sess_{known}\n.json", "w") as file:
+        json.dump({"expires": time.time() + 600, "data": {"planted": True}}, file)
+    answer = httpx.get(url(port, "/peek"), headers={"Cookie": f"LONGSHORE_SESSION={known}%0A"}).json()
+    assert answer["new"] is True and answer["id"] != known and answer["data"] == {}
+
+
+def test_a_failed_session_save_leaves_no_temporary_file(app_factory, tmp_path):
+    folder = tmp_path / "sessions"
+    app, port = _session_app(app_factory, SESSION_DIR=str(folder))
+    kept = httpx.get(url(port, "/visit")).json()["id"]
+    answer = httpx.get(url(port, "/unserialisable"))
+    assert answer.status_code == 500 and "TypeError" in answer.text
+    assert os.listdir(folder) == [f"sess_{kept}.json"]
+
+
+def test_cookie_values_come_back_as_they_were_set(app_factory):
+    app, port = _session_app(app_factory)
+    values = ["plain", "a b;c", "100%", "a%41b", "x%2Fy", "%", "%%25"]
+    with httpx.Client() as client:
+        client.get(url(port, "/cookie-set"), params={"values": json.dumps(values)})
+        back = client.get(url(port, "/cookie-get")).json()
+    assert [back.get(f"c{index}") for index in range(len(values))] == values
 
 
 def _can_connect(port: int) -> bool:

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import __version__, lifeline, logs, users
+from . import __version__, lifeline, logs, runtime as runtimes, users
 from .loop import loop_name
 from .runtime import Runtime
 from .stats import STATE_RUNNING, StatsTable, rss_bytes
@@ -195,12 +195,19 @@ class Master:
             print(f"longshore: {os.path.basename(runtime.start_file)} is already running (master pid {running})")
             return 1
         runtime.make_folders()
+        runtimes.current = runtime  # (the workers inherit it)
         try:
             owners = self.worker_identities()
             check_channel_setting(Worker.channel)
         except ValueError as exc:
             print(f"longshore: {exc}", file=sys.stderr)
             return 1
+        if owners:
+            try:
+                runtime.prepare_sessions_folder([(identity.uid, identity.gid) for identity in owners])
+            except OSError as exc:
+                print(f"longshore: cannot prepare {runtime.sessions_folder}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
         for worker in self.workers:
             try:
                 worker.bind()

@@ -2,14 +2,20 @@
 
 By default everything goes in a ``.longshore/`` folder next to the start script,
 named after it (``start.py`` -> ``.longshore/start.pid``, ``start.log``,
-``start.stdout.log``, ``start.stats``). ``Worker.pid_file``, ``Worker.log_file`` and
-``Worker.stdout_file`` override the defaults; the status table sits next to the pid file.
+``start.stdout.log``, ``start.stats``, ``start.sessions/`` for the file session store).
+``Worker.pid_file``, ``Worker.log_file`` and ``Worker.stdout_file`` override the
+defaults; the status table and the session folder sit next to the pid file.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
+
+#: The run-time files of the start script this process serves (set by the master, and
+#: inherited by its workers); None outside a longshore server.
+current: Runtime | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,31 @@ class Runtime:
         """Create the folders the run-time files go in."""
         for path in (self.pid_file, self.log_file, self.stdout_file, self.stats_file):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    @property
+    def sessions_folder(self) -> str:
+        """The default folder of the file session store, next to the pid file."""
+        return os.path.splitext(self.pid_file)[0] + ".sessions"
+
+    def prepare_sessions_folder(self, owners: list[tuple[int, int]]) -> None:
+        """Create the session folder (0700) for the workers' user, when they all switch to
+        one user: they could not create it themselves in a folder of the master's user.
+        An existing folder is left as it is (the store checks it when it is first used)."""
+        uids = {uid for uid, _ in owners}
+        if len(uids) != 1:
+            return
+        folder = self.sessions_folder
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            return
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+            os.fchown(fd, *owners[0])
+        finally:
+            os.close(fd)
 
     def connections_file(self, pid: int) -> str:
         """Where worker ``pid`` writes its connection list."""

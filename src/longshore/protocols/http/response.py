@@ -101,7 +101,8 @@ def format_cookie(
     httponly: bool = False,
     samesite: str | None = "Lax",
 ) -> str:
-    """The value of one ``Set-Cookie`` header. ``value`` is percent-encoded as needed; a
+    """The value of one ``Set-Cookie`` header. ``value`` is percent-encoded as needed (``%``
+    included, so that :attr:`Request.cookies`, which decodes, gives it back as it was); a
     ``name`` that is not a token, or an attribute with a ``;`` or a control character,
     raises ValueError."""
     if _TOKEN.fullmatch(name) is None:
@@ -109,7 +110,7 @@ def format_cookie(
     for attribute in (expires if isinstance(expires, str) else None, path, domain, samesite):
         if attribute and _UNSAFE_ATTRIBUTE.search(attribute) is not None:
             raise ValueError(f"cookie attribute with a ';' or a control character: {attribute!r}")
-    parts = [f"{name}={quote(value, safe='!#$%&()*+-./:<=>?@[]^_`{|}~')}"]
+    parts = [f"{name}={quote(value, safe='!#$&()*+-./:<=>?@[]^_`{|}~')}"]
     if max_age is not None:
         parts.append(f"Max-Age={int(max_age)}")
     if expires is not None:
