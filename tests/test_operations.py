@@ -446,3 +446,121 @@ def test_watch_reloads_when_a_module_changes(app_factory):
     text = app.log()
     assert "watcher: handlers.py changed: graceful reload" in text
     assert "graceful reload" in text
+
+
+def _new_masters_rows(app) -> list[tuple[int, str]]:
+    return [(p["pid"], p["state"]) for p in app.status()["processes"]]
+
+
+def test_a_start_after_the_master_was_killed_gets_a_table_of_its_own(app_factory):
+    """kill -9 of the master leaves a worker writing out a send buffer; the next master's
+    status table must not show that orphan (nor have it overwrite the new rows)."""
+    app = app_factory(
+        """
+w = Worker("tcp://127.0.0.1:0", count=1, name="w", stop_timeout=4)
+
+def on_message(conn, data):
+    for _ in range(100):
+        conn.send(b"z" * 65536)
+
+w.on_message = on_message
+"""
+    ).start()
+    [old] = app.wait_running(1)
+    sock = connect(app.port(), rcvbuf=4096)
+    orphan = old["pid"]
+    try:
+        sock.sendall(b"go")
+        wait_for(lambda: app.processes()[0]["send_buffer_bytes"] > 0, what="a send buffer")
+        os.kill(app.master_pid(), signal.SIGKILL)
+        app.start()
+        [new] = app.wait_running(1)
+        assert new["pid"] != orphan
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # the orphan publishes 5 times a second
+            assert os.path.exists(f"/proc/{orphan}")  # (still there, still writing)
+            assert _new_masters_rows(app) == [(new["pid"], "running")]
+    finally:
+        sock.close()
+        try:
+            os.kill(orphan, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+SLOW_START = """
+Worker.metrics_listen = "127.0.0.1:0"
+a = Worker("text://127.0.0.1:0", count=1, name="twin")
+a.on_message = lambda conn, line: conn.send(line)
+b = Worker("text://127.0.0.1:0", count=1, name="twin")  # the same name, on purpose
+b.on_message = lambda conn, line: conn.send(line)
+
+# A worker process that takes its time before its first report: with the file "slow"
+# present, each new process waits 1.5 s before making its event loop.
+import longshore.worker as _worker
+_make_loop = _worker.new_event_loop
+
+def _slow_loop():
+    if os.path.exists(os.path.join(os.environ["APP_DIR"], "slow")):
+        time.sleep(1.5)
+    return _make_loop()
+
+_worker.new_event_loop = _slow_loop
+"""
+
+
+def test_a_respawning_process_shows_none_of_the_dead_ones_figures_nor_a_pid_0_series(app_factory):
+    app = app_factory(SLOW_START).start()
+    old = app.wait_running(2)
+    address = app.status()["master"]["metrics_listen"]
+    for index in range(2):
+        sock = connect(app.port(index))
+        for line in range(10):
+            sock.sendall(b"x\n")
+            assert read_lines(sock, 1) == ["x"]
+        sock.close()
+    wait_for(lambda: [p["total_request"] for p in app.processes()] == [10, 10], what="the requests counted")
+    (app.folder / "slow").touch()
+    for process in old:
+        os.kill(process["pid"], signal.SIGKILL)
+    old_pids = {p["pid"] for p in old}
+    deadline = time.monotonic() + 1.2
+    seen_starting = set()
+    while time.monotonic() < deadline:
+        for process in app.processes():
+            if process["pid"] in old_pids:
+                continue
+            assert process["pid"] > 0 and process["total_request"] == 0 and process["memory"] == 0, process
+            seen_starting.add(process["pid"])
+        status, _, text = http_get(f"http://{address}/metrics")  # the parser refuses duplicate series
+        samples = [
+            (sample.name, tuple(sorted(sample.labels.items())))
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if "pid" in sample.labels
+        ]
+        assert len(samples) == len(set(samples)), "duplicate series"
+        assert not [s for s in samples if dict(s[1])["pid"] == "0"], text
+    assert len(seen_starting) == 2  # the new processes were there, under their own pids
+    (app.folder / "slow").unlink()
+    assert {p["pid"] for p in app.wait_running(2)} == seen_starting
+
+
+def test_status_live_follows_a_restart(app_factory):
+    app = app_factory('w = Worker("text://127.0.0.1:0", count=1, name="w")\n').start()
+    app.wait_running(1)
+    live = subprocess.Popen(
+        [sys.executable, str(app.script), "status", "-d"], cwd=app.folder, env=app.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        time.sleep(0.5)
+        app.cli("restart", "-d")
+        master = app.master_pid()
+        [worker] = app.wait_running(1)
+        time.sleep(2.5)  # two more redraws
+        assert live.poll() is None, live.communicate()[0]
+    finally:
+        live.terminate()
+    frames = [frame for frame in live.communicate(timeout=10)[0].split("\n\n") if "master pid" in frame]
+    assert f"master pid {master} " in frames[-1], frames[-1]
+    assert f" {worker['pid']} " in frames[-1], frames[-1]

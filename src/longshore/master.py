@@ -524,6 +524,10 @@ class Master:
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            if pid < 0:  # fork failed
+                self.table.release(slot)
+        # The row is this process's from now on (/metrics leaves out rows of pid 0).
+        self.table.set_pid(slot, pid)
         self.children[pid] = Child(pid, worker, index, worker_id, slot)
         self.assigned[key] = pid
         self.header_dirty = True

@@ -33,7 +33,9 @@ metric                                   type        ``status`` column
 =======================================  ==========  ==================================
 
 The counters of one process start at zero and only grow; a respawned or reloaded
-process has a new ``pid`` label, so its series starts afresh.
+process has a new ``pid`` label, so its series starts afresh. A process being forked
+(its slot claimed, its pid not yet recorded) is left out. The ``pid`` label keeps the
+series of two Workers with the same name apart.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class StatusCollector:
 
 def families(document: dict[str, Any]) -> Iterator[Metric]:
     """The metric families of a status document (see :func:`longshore.status.collect`)."""
-    processes = document["processes"]
+    # A slot whose process is being forked has no pid yet: it is nobody's series.
+    processes = [process for process in document["processes"] if process["pid"] > 0]
 
     def labels(process: dict[str, Any]) -> list[str]:
         return [process["name"], str(process["worker_id"]), str(process["pid"])]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -147,34 +148,65 @@ class SlotRecord:
 class StatsTable:
     """A memory-mapped table of worker slots plus a JSON header owned by the master."""
 
-    def __init__(self, path: str, mapping: mmap.mmap, slots: int) -> None:
+    def __init__(self, path: str, mapping: mmap.mmap, slots: int, identity: tuple[int, int] = (0, 0)) -> None:
         self.path = path
         self.map = mapping
         self.slots = slots
+        #: (device, inode) of the mapped file: each master start makes a new one.
+        self.identity = identity
+
+    def is_current(self) -> bool:
+        """True while ``path`` still names the file this table maps (False once a
+        new master has put its own table there, or the file is gone)."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self.identity
 
     # -- creation and opening ------------------------------------------------------
     @classmethod
     def create(cls, path: str, slots: int) -> StatsTable:
-        """Create (or truncate) the table file with ``slots`` slots and map it shared."""
+        """Create a fresh table file with ``slots`` slots and map it shared.
+
+        The table is built under a temporary name and renamed over ``path``: processes
+        that still map an older table (orphans of a master that was killed) keep writing
+        into their own, now unnamed, file instead of into this one, and the old file is
+        never truncated under them (which would kill them with SIGBUS)."""
         size = HEADER_SIZE + slots * SLOT_SIZE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        temporary = f"{path}.{os.getpid()}.new"
+        try:
+            os.unlink(temporary)  # left by a master that died right here
+        except FileNotFoundError:
+            pass
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.ftruncate(fd, size)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+            _HEADER_PREFIX.pack_into(mapping, 0, MAGIC, VERSION, slots, 0, 0)
+            os.rename(temporary, path)
+        except BaseException:
             os.close(fd)
-        _HEADER_PREFIX.pack_into(mapping, 0, MAGIC, VERSION, slots, 0, 0)
-        return cls(path, mapping, slots)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        info = os.fstat(fd)
+        os.close(fd)
+        return cls(path, mapping, slots, (info.st_dev, info.st_ino))
 
     @classmethod
     def open(cls, path: str) -> StatsTable:
         """Map an existing table read-only (the status command)."""
         with open(path, "rb") as file:
             mapping = mmap.mmap(file.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            info = os.fstat(file.fileno())
         magic, version, slots, _, _ = _HEADER_PREFIX.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION:
+            mapping.close()
             raise ValueError(f"{path} is not a longshore status table")
-        return cls(path, mapping, slots)
+        return cls(path, mapping, slots, (info.st_dev, info.st_ino))
 
     def close(self) -> None:
         """Unmap the table."""
@@ -215,24 +247,32 @@ class StatsTable:
         return HEADER_SIZE + slot * SLOT_SIZE
 
     def claim(self, pid: int, worker_id: int, name: str, listen: str) -> int:
-        """Master: take a free slot for a new worker process; return its index."""
+        """Master: take a free slot for a new worker process; return its index. Every
+        field of the slot is written: nothing of the process that had it before stays."""
         for slot in range(self.slots):
             if self._read_raw(slot)[3] == STATE_FREE:
                 self.write_slot(
                     slot,
-                    pid=pid,
-                    worker_id=worker_id,
-                    state=STATE_STARTING,
-                    started_at=time.time(),
-                    name=name,
-                    listen=listen,
+                    **{
+                        **_ZERO_RECORD,
+                        "pid": pid,
+                        "worker_id": worker_id,
+                        "state": STATE_STARTING,
+                        "started_at": time.time(),
+                        "name": name,
+                        "listen": listen,
+                    },
                 )
                 return slot
         raise RuntimeError("status table is full")
 
+    def set_pid(self, slot: int, pid: int) -> None:
+        """Master: record the pid of the process just forked for a claimed slot."""
+        self.write_slot(slot, pid=pid)
+
     def release(self, slot: int) -> None:
         """Master: free the slot of a process that has exited."""
-        self.write_slot(slot, state=STATE_FREE, pid=0)
+        self.write_slot(slot, **_ZERO_RECORD)
 
     def set_state(self, slot: int, state: int) -> None:
         """Change only the state of a slot."""
@@ -247,21 +287,18 @@ class StatsTable:
         return values
 
     def write_slot(self, slot: int, **fields: Any) -> None:
-        """Update some fields of a slot under its sequence lock."""
+        """Update some fields of a slot under its sequence lock. Only the bytes of the
+        given fields are written, so a writer never puts back stale copies of fields
+        that another process (the master, or the worker) changed meanwhile."""
         offset = self._offset(slot)
-        values = list(_SLOT.unpack_from(self.map, offset))
-        seq = values[0] + (values[0] & 1)  # odd: a writer died mid-write
-        for key, value in fields.items():
-            index = _FIELD_INDEX[key]
-            if key in ("name", "listen"):
-                value = value.encode()[: (64 if key == "name" else 192)]
-            values[index] = value
-        values[0] = seq + 1
-        packed = _SLOT.pack(*values)
-        # Odd sequence first, then the fields by plain copy (struct.pack_into would zero
-        # the area, sequence included, before writing), then the even sequence.
+        seq = _SEQ.unpack_from(self.map, offset)[0]
+        seq += seq & 1  # odd: a writer died mid-write
         _SEQ.pack_into(self.map, offset, seq + 1)
-        self.map[offset + 8 : offset + _SLOT.size] = packed[8:]
+        for key, value in fields.items():
+            field_offset, field = _FIELD_STRUCTS[key]
+            if key in ("name", "listen"):
+                value = value.encode()[: field.size] if isinstance(value, str) else value
+            field.pack_into(self.map, offset + field_offset, value)
         _SEQ.pack_into(self.map, offset, seq + 2)
 
     def read_slots(self) -> list[SlotRecord]:
@@ -307,6 +344,23 @@ _FIELDS = (
     "channel_delivered",
     "channel_dropped",
 )
-_FIELD_INDEX = {name: index for index, name in enumerate(_FIELDS)}
-assert len(_FIELDS) == len(_SLOT.unpack(bytes(_SLOT.size))), "slot layout mismatch"
+
+
+def _field_structs() -> dict[str, tuple[int, struct.Struct]]:
+    """Each field's offset in a slot and the struct of that field alone."""
+    codes = re.findall(r"\d*[a-zA-Z]", _SLOT.format[1:])
+    assert len(codes) == len(_FIELDS), "slot layout mismatch"
+    result: dict[str, tuple[int, struct.Struct]] = {}
+    offset = 0
+    for name, code in zip(_FIELDS, codes):
+        field = struct.Struct("<" + code)
+        result[name] = (offset, field)
+        offset += field.size
+    assert offset == _SLOT.size
+    return result
+
+
+_FIELD_STRUCTS = _field_structs()
+#: Every field of a slot but its sequence number, zeroed (a free slot).
+_ZERO_RECORD: dict[str, Any] = dict(zip(_FIELDS[1:], _SLOT.unpack(bytes(_SLOT.size))[1:]))
 assert _SLOT.size <= SLOT_SIZE

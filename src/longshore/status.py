@@ -204,27 +204,68 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
 
 
 def live_status(runtime: Runtime, table: StatsTable, interval: float = 1.0) -> int:
-    """Redraw the status every ``interval`` seconds until Ctrl+C or the master stops."""
+    """Redraw the status every ``interval`` seconds until Ctrl+C or the master stops.
+    A ``restart`` is followed: the new master's table is read once it is in place."""
     console = make_console()
-    if not console.is_terminal:
-        try:
-            while runtime.read_master_pid():
-                console.print(render_status(collect(table)))
+    follower = _TableFollower(table)
+    try:
+        if not console.is_terminal:
+            while _master_runs(runtime):
+                console.print(render_status(collect(follower.current())))
                 console.print("")
                 time.sleep(interval)
-        except KeyboardInterrupt:
-            pass
-        return 0
-    from rich.live import Live
+            return 0
+        from rich.live import Live
 
-    try:
-        with Live(render_status(collect(table)), console=console, refresh_per_second=4, screen=False) as live:
-            while runtime.read_master_pid():
+        with Live(render_status(collect(follower.current())), console=console, refresh_per_second=4, screen=False) as live:
+            while _master_runs(runtime):
                 time.sleep(interval)
-                live.update(render_status(collect(table)))
+                live.update(render_status(collect(follower.current())))
     except KeyboardInterrupt:
         pass
+    finally:
+        follower.close()
     return 0
+
+
+def _master_runs(runtime: Runtime, grace: float = 3.0) -> bool:
+    """True while a master runs. During a ``restart`` there is no pid file for a moment:
+    wait up to ``grace`` seconds for the next master before saying no."""
+    deadline = time.monotonic() + grace
+    while not runtime.read_master_pid():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+class _TableFollower:
+    """The status table of whichever master runs now: each start of a master puts a new
+    table file in place, and a table mapped earlier would go on showing the old one."""
+
+    __slots__ = ("given", "table")
+
+    def __init__(self, table: StatsTable) -> None:
+        self.given = table  # the caller's: closed by the caller
+        self.table = table
+
+    def current(self) -> StatsTable:
+        """The table to read now (reopened when the file was replaced)."""
+        if self.table.is_current():
+            return self.table
+        try:
+            fresh = StatsTable.open(self.table.path)
+        except (OSError, ValueError):
+            return self.table  # between two masters: show the last one a little longer
+        self.close()
+        self.table = fresh
+        return fresh
+
+    def close(self) -> None:
+        """Unmap a table this follower opened itself."""
+        if self.table is not self.given:
+            self.table.close()
+            self.table = self.given
 
 
 def collect_connections(runtime: Runtime, table: StatsTable, timeout: float = 2.0) -> tuple[list[dict[str, Any]], list[int]]:
