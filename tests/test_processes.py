@@ -535,6 +535,35 @@ w.on_message = lambda conn, line: conn.send(line)
     assert "start.py is not running" in app.cli("stop", check=False).stderr
 
 
+def test_a_stale_pid_file_naming_another_apps_worker_is_ignored(app_factory):
+    """A master killed with SIGKILL leaves its pid file; its pid may then belong to a
+    process of another longshore app (titled "longshore: ..."): ``start`` must start and
+    ``stop`` must leave that process alone."""
+    body = """
+w = Worker("text://127.0.0.1:0", count=1, name="{name}")
+w.on_message = lambda conn, line: conn.send(line)
+"""
+    other = app_factory(body.format(name="other")).start()
+    [worker] = other.wait_running(1)
+    app = app_factory(body.format(name="mine"))
+    app.pid_file.parent.mkdir()
+    app.pid_file.write_text(f"{worker['pid']}\n")
+    result = app.cli("stop", check=False)
+    assert result.returncode == 1 and "not running" in result.stderr
+    app.start()
+    master = app.master_pid()
+    assert master and master != worker["pid"]
+    assert app.cli("status", "--json").returncode == 0
+    app.cli("stop")
+    assert _gone(master) and not app.pid_file.exists()
+    assert [(p["pid"], p["state"]) for p in other.processes()] == [(worker["pid"], "running")]
+    assert other.status()["exits"] == []
+    sock = connect(other.port())
+    sock.sendall(b"still here\n")
+    assert read_lines(sock, 1) == ["still here"]
+    sock.close()
+
+
 def test_graceful_reload_with_reuse_port_serves_what_waits_in_the_old_listeners_backlog(app_factory):
     """With reuse_port each process listens on a socket of its own, and closing it would
     reset the connections waiting in its backlog: the old worker accepts them first.

@@ -146,7 +146,14 @@ def stop(runtime: Runtime, workers: list[Worker], graceful: bool) -> int:
     if pid is None:
         print(f"longshore: {os.path.basename(runtime.start_file)} is not running", file=sys.stderr)
         return 1
-    os.kill(pid, signal.SIGQUIT if graceful else signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGQUIT if graceful else signal.SIGTERM)
+    except PermissionError:
+        print(f"longshore: not allowed to signal master pid {pid} (it runs as another user)", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        print(f"longshore: {os.path.basename(runtime.start_file)} is not running", file=sys.stderr)
+        return 1
     print(f"longshore: stopping{' gracefully' if graceful else ''} (master pid {pid}) ...", flush=True)
     longest = max((worker.stop_timeout for worker in workers), default=10.0)
     deadline = time.monotonic() + longest + 15.0

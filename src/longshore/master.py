@@ -172,6 +172,7 @@ class Master:
         self.signal_queue: list[int] = []
         self.wake_r = self.wake_w = -1
         self.ready_fd: int | None = None
+        self.lock_fd: int | None = None
         self.ready_deadline = 0.0
         self.reload_queue: collections.deque[tuple[int, int]] = collections.deque()
         self.reload_graceful = False
@@ -188,13 +189,38 @@ class Master:
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> int:
-        """Run the master (returns only in the launching process or when stopped)."""
+        """Run the master (returns only in the launching process or when stopped).
+
+        The master holds the lock file from here until it exits: that, not the pid file
+        (a master killed with SIGKILL leaves it, and its pid may be reused), tells the
+        commands whether it runs."""
         runtime = self.runtime
-        running = runtime.read_master_pid()
-        if running:
-            print(f"longshore: {os.path.basename(runtime.start_file)} is already running (master pid {running})")
+        try:
+            runtime.make_folders()
+            self.lock_fd = runtime.acquire_lock()
+        except OSError as exc:
+            print(f"longshore: cannot lock {runtime.lock_file}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-        runtime.make_folders()
+        if self.lock_fd is None:
+            running = runtime.read_master_pid()
+            pid_note = f" (master pid {running})" if running else ""
+            print(f"longshore: {os.path.basename(runtime.start_file)} is already running{pid_note}")
+            return 1
+        try:
+            return self.start_locked()
+        finally:
+            self.close_lock()
+
+    def close_lock(self) -> None:
+        """Close this process's descriptor of the lock file. The lock is released when the
+        last process sharing it (the master, or a child just forked) closes it."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def start_locked(self) -> int:
+        """:meth:`start` once the lock is taken."""
+        runtime = self.runtime
         runtimes.current = runtime  # (the workers inherit it)
         try:
             owners = self.worker_identities()
@@ -547,6 +573,7 @@ class Master:
         if self.metrics_socket is not None:
             self.metrics_socket.close()
             self.metrics_socket = None
+        self.close_lock()  # a child left behind by a killed master must not hold it
         self.children.clear()
         self.helpers = []
         logs.configure_child()
