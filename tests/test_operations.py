@@ -448,6 +448,40 @@ def test_watch_reloads_when_a_module_changes(app_factory):
     assert "graceful reload" in text
 
 
+def test_log_backup_count_zero_truncates_the_log_file_at_the_limit(app_factory):
+    app = app_factory(
+        """
+import logging
+Worker.log_max_bytes = 4000
+Worker.log_backup_count = 0
+applog = logging.getLogger("app")
+w = Worker("text://127.0.0.1:0", name="chatty")
+
+def on_message(conn, line):
+    for index in range(int(line)):
+        applog.info("bulk %d %s", index, "x" * 100)
+    conn.send("done")
+
+w.on_message = on_message
+"""
+    ).start()
+    app.wait_running(1)
+    folder = app.folder / ".longshore"
+    log_file = folder / "start.log"
+    sock = connect(app.port())
+    sock.sendall(b"100\n")  # about 15 kB of log
+    assert read_lines(sock, 1) == ["done"]
+    wait_for(lambda: log_file.stat().st_size < 4000, what="the log file truncated")
+    time.sleep(1.5)  # three checks of the master's loop
+    text = log_file.read_text()
+    assert text.count("log file rotated") <= 1, text  # once, not at every check
+    assert log_file.stat().st_size < 4000
+    assert not [name for name in os.listdir(folder) if name.startswith("start.log.")]
+    sock.sendall(b"3\n")  # every process goes on writing into the same, shorter file
+    assert read_lines(sock, 1) == ["done"]
+    wait_for(lambda: "bulk 2 " in log_file.read_text(), what="the worker's lines after the truncation")
+
+
 def _new_masters_rows(app) -> list[tuple[int, str]]:
     return [(p["pid"], p["state"]) for p in app.status()["processes"]]
 

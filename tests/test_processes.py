@@ -603,3 +603,62 @@ w.on_worker_reload = on_worker_reload
     assert served_by_old > 0  # some waited in the old socket's backlog and were served by it
     log = app.log()
     assert "taken over from its listener's backlog" in log
+
+
+def test_quick_reload_whose_new_code_cannot_start_is_abandoned_and_exits_1(app_factory):
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="fragile", count=2)
+broken = os.path.join(os.environ["APP_DIR"], "broken")
+
+def on_worker_start(worker):
+    if os.path.exists(broken):
+        raise RuntimeError("the new code cannot start")
+
+w.on_worker_start = on_worker_start
+w.on_message = lambda conn, line: conn.send(line)
+"""
+    ).start()
+    before = {p["pid"] for p in app.wait_running(2)}
+    (app.folder / "broken").touch()
+    started = time.monotonic()
+    result = app.cli("reload", check=False, timeout=30)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "reload abandoned: the new worker fragile[0] exited (exit code 3) before serving and the old one is gone" in result.stderr
+    last = app.status()["master"]["last_reload"]
+    assert last["result"] == "abandoned" and "fragile[0]" in last["reason"]
+    assert not app.status()["master"]["reloading"]
+    rows = app.processes()
+    assert len(before & {p["pid"] for p in rows}) == 1  # the other worker keeps its old code and serves
+    # Once the code is fixed, the next reload replaces every process.
+    (app.folder / "broken").unlink()
+    result = app.cli("reload", timeout=60)
+    assert "reloaded" in result.stdout
+    assert not before & {p["pid"] for p in app.wait_running(2)}
+
+
+def test_a_terminal_hang_up_stops_a_foreground_server_like_ctrl_c(app_factory):
+    """Closing the terminal sends SIGHUP to the whole process group: the workers must
+    stop through the master (on_worker_stop runs, exit code 0), not die of the signal."""
+    app = app_factory(
+        """
+w = Worker("text://127.0.0.1:0", name="fg")
+w.on_worker_stop = lambda worker: record("stopped", os.getpid())
+"""
+    )
+    master = subprocess.Popen(
+        [sys.executable, str(app.script), "start"], cwd=app.folder, env=app.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for(lambda: app.cli("status", check=False).returncode == 0, timeout=15, what="the master to start")
+        pid = app.wait_running(1)[0]["pid"]
+        os.killpg(master.pid, signal.SIGHUP)
+        assert master.wait(timeout=20) == 0
+    finally:
+        if master.poll() is None:
+            master.kill()
+    events = app.folder / "events.txt"
+    assert events.exists() and f"stopped {pid}" in events.read_text()
+    log = app.log()
+    assert f"pid {pid} exited: exit code 0" in log, log

@@ -2,7 +2,7 @@
 
 Several processes write the same log file, and it is rotated by size
 (``Worker.log_max_bytes``, ``Worker.log_backup_count``) with the stdlib's
-``logging.handlers``. Rotation is safe with many writers because only the master
+``logging.handlers``; with ``log_backup_count = 0`` the file is emptied instead. Rotation is safe with many writers because only the master
 rotates: its :class:`MasterFileHandler` (a ``RotatingFileHandler``) renames the files,
 both when it logs and when its main loop finds the file over the limit. Every other
 process (workers, the monitor, the watcher) writes through a :class:`ChildFileHandler`
@@ -50,6 +50,21 @@ class MasterFileHandler(logging.handlers.RotatingFileHandler):
             else:
                 prepare_shared_file(self.baseFilename, self.owners)
         return super()._open()
+
+    def doRollover(self) -> None:
+        """Rename the files; with ``backup_count`` 0 (or less) keep no old file: empty
+        this one instead (every process appends to it, so each goes on at its new end)."""
+        if self.backupCount > 0:
+            super().doRollover()
+            return
+        if self.stream is not None:
+            self.stream.flush()
+        try:
+            os.truncate(self.baseFilename, 0)
+        except FileNotFoundError:  # removed meanwhile: start a new one
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
 
     def rotate_if_needed(self) -> bool:
         """Rotate when the file (written by every process) has reached the limit."""

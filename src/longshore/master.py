@@ -13,7 +13,9 @@ taken while running, one worker process at a time:
   socket stays open in the master throughout, so no connection is refused. If the
   replacement cannot start, the reload is abandoned and the old process keeps serving.
 * quick (SIGUSR1, ``reload``): ask the old process to stop (SIGUSR1), fork the
-  replacement when it has exited, wait until it serves, go on.
+  replacement when it has exited, wait until it serves, go on. If the replacement
+  cannot start, the reload is abandoned: the processes not replaced yet keep running
+  the old code, this one is respawned (with back-off).
 
 Besides the workers, the master may fork helper processes (:class:`Helper`): the
 ``monitor`` (``Worker.metrics_listen``: Prometheus metrics and the status page over
@@ -707,8 +709,9 @@ class Master:
                 log.exception("exception in on_worker_exit")
         key = child.key
         step = self.reload_step
-        if step is not None and step.phase == "ready" and step.new_pid == child.pid and step.graceful:
-            # The replacement died before it served: keep the old process, give up the reload.
+        if step is not None and step.key == key and child.pid != step.old_pid:
+            # The replacement died before it served: keep the old process (graceful), give
+            # up the reload. (A quick reload's replacement is respawned with back-off.)
             self.reload_step = None
             self.reload_queue.clear()
             old = self.children.get(step.old_pid)
@@ -854,6 +857,7 @@ class Master:
             if step.old_pid not in self.children and new_pid is not None:
                 step.new_pid = new_pid
                 step.phase = "ready"
+                step.started = now  # the readiness timeout counts from the replacement's start
             elif step.old_pid not in self.children and step.key not in self.pending_spawns:
                 self.finish_reload_step()  # respawn was not scheduled (stopping): nothing to wait for
             return
@@ -861,9 +865,7 @@ class Master:
             new_pid = self.assigned.get(step.key)
             if new_pid is None:
                 return  # died; being respawned
-            if new_pid != step.new_pid:
-                step.new_pid = new_pid
-                step.started = now
+            step.new_pid = new_pid  # (a respawn abandons the reload: the same process)
             states = {record.pid: record.state for record in self.table.read_slots()}
             if states.get(new_pid) != STATE_RUNNING and now - step.started > RELOAD_READY_TIMEOUT:
                 name = self.workers[step.key[0]].name

@@ -74,6 +74,10 @@ _SIGNAL_ACTIONS = {
 }
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A signal handler that does nothing."""
+
+
 class Worker:
     """A group of ``count`` identical processes serving one listen URL.
 
@@ -301,8 +305,12 @@ class _WorkerProcess:
             if other is not worker and other._socket is not None:
                 other._socket.close()
                 other._socket = None
-        for signum in (*_SIGNAL_ACTIONS, signal.SIGCHLD, signal.SIGHUP):
+        for signum in (*_SIGNAL_ACTIONS, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        # A closed terminal sends SIGHUP to the whole process group: the master stops
+        # the workers then, as for Ctrl+C. (A handler, not SIG_IGN, which programs the
+        # worker runs would inherit.)
+        signal.signal(signal.SIGHUP, _ignore_signal)
         signal.signal(signal.SIGIO, signal.SIG_IGN)  # until the loop handles it
         try:
             from setproctitle import setproctitle
