@@ -442,9 +442,8 @@ Worker.on_master_start = lambda: Timer.add(0.5, busy_master, persistent=False)
     wait_for(lambda: _gone(master), timeout=15, what="the master to stop")
 
 
-def test_reload_says_when_the_master_abandoned_it_and_exits_1(app_factory):
-    app = app_factory(
-        """
+#: Two echo workers whose start fails once the file ``broken`` exists in the app's folder.
+FRAGILE = """
 w = Worker("text://127.0.0.1:0", name="fragile", count=2)
 broken = os.path.join(os.environ["APP_DIR"], "broken")
 
@@ -455,7 +454,10 @@ def on_worker_start(worker):
 w.on_worker_start = on_worker_start
 w.on_message = lambda conn, line: conn.send(line)
 """
-    ).start()
+
+
+def test_reload_says_when_the_master_abandoned_it_and_exits_1(app_factory):
+    app = app_factory(FRAGILE).start()
     before = {p["pid"] for p in app.wait_running(2)}
     assert "last reload" not in app.cli("status").stdout  # none yet
     (app.folder / "broken").touch()
@@ -606,19 +608,7 @@ w.on_worker_reload = on_worker_reload
 
 
 def test_quick_reload_whose_new_code_cannot_start_is_abandoned_and_exits_1(app_factory):
-    app = app_factory(
-        """
-w = Worker("text://127.0.0.1:0", name="fragile", count=2)
-broken = os.path.join(os.environ["APP_DIR"], "broken")
-
-def on_worker_start(worker):
-    if os.path.exists(broken):
-        raise RuntimeError("the new code cannot start")
-
-w.on_worker_start = on_worker_start
-w.on_message = lambda conn, line: conn.send(line)
-"""
-    ).start()
+    app = app_factory(FRAGILE).start()
     before = {p["pid"] for p in app.wait_running(2)}
     (app.folder / "broken").touch()
     started = time.monotonic()

@@ -108,12 +108,7 @@ class FileSessionStore(SessionStore):
     async def load(self, session_id: str) -> dict[str, Any] | None:
         path = self._path(session_id)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        try:
-            with os.fdopen(fd) as file:
-                record = json.load(file)
+            record = _read_record(path)
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or not isinstance(record.get("expires"), (int, float)) or record["expires"] < time.time():
@@ -188,17 +183,23 @@ class FileSessionStore(SessionStore):
         return removed
 
 
+def _read_record(path: str) -> Any:
+    """The JSON in the session file at ``path``, never through a symbolic link (OSError
+    when it cannot be read, ValueError when it is not JSON)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as file:
+        return json.load(file)
+
+
 def _expired(path: str, now: float) -> bool:
     """Whether the session file at ``path`` has expired (or is not a session record)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd) as file:
-            expires = json.load(file).get("expires")
-    except (OSError, ValueError, AttributeError):
+        record = _read_record(path)
+    except ValueError:
         return True
+    except OSError:
+        return False  # gone meanwhile (or not ours to read)
+    expires = record.get("expires") if isinstance(record, dict) else None
     return not isinstance(expires, (int, float)) or expires < now
 
 
