@@ -175,7 +175,16 @@ def reload(runtime: Runtime, master_pid: int, graceful: bool, wait: bool) -> int
     table = open_table(runtime) if wait else None
     before = {record.pid for record in table.read_slots()} if table else set()
     previous = _last_reload(table) if table else None
-    os.kill(master_pid, signal.SIGUSR2 if graceful else signal.SIGUSR1)
+    try:
+        os.kill(master_pid, signal.SIGUSR2 if graceful else signal.SIGUSR1)
+    except (PermissionError, ProcessLookupError) as exc:
+        if table is not None:
+            table.close()
+        if isinstance(exc, PermissionError):
+            print(f"longshore: not allowed to signal master pid {master_pid} (it runs as another user)", file=sys.stderr)
+        else:
+            print(f"longshore: {os.path.basename(runtime.start_file)} is not running", file=sys.stderr)
+        return 1
     print(f"longshore: {'graceful ' if graceful else ''}reload sent to master pid {master_pid}", flush=True)
     if table is None:
         return 0
