@@ -483,6 +483,9 @@ def test_pipelined_requests_behind_a_stalled_file_are_not_read_without_bound(ser
     assert sent > 1_000_000  # the kernel's buffers took plenty
     # Measured: 4,000 to 32,000 requests parsed of the ~110,000 sent (a server reading
     # without bound parses nearly all of them: what it reads leaves the kernel's buffers).
+    # The socket buffers take a good part of the file, so its last piece can be handed
+    # over within the two seconds; reading then rightly resumes (under the send buffer's
+    # own flow control), and how much more is parsed depends on the machine's pace.
     assert parsed < 50_000 and parsed < sent // len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") // 2, (parsed, sent)
 
 
