@@ -231,19 +231,22 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
+def read_rest(sock: socket.socket) -> bytes:
+    """What the peer sends until it closes, resets, or the socket's timeout passes."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return data
+
+
 def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
     """Send ``payload``, read until the server closes."""
     sock = connect(port, timeout)
     sock.sendall(payload)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except (socket.timeout, ConnectionResetError):
-        pass
+    data = read_rest(sock)
     sock.close()
     return data
 

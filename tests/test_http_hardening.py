@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import App, connect, raw_exchange, read_until_closed, wait_for
+from conftest import App, connect, raw_exchange, read_rest, read_until_closed, wait_for
 
 SERVER = r'''
 import gzip
@@ -229,21 +229,13 @@ def test_trailers_over_max_header_size_get_431(server):
     sock = connect(port)
     sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
     time.sleep(0.05)
-    answer = b""
     try:
         for _ in range(200):  # up to 800 KiB; the server answers after about 16
             sock.sendall(b"a" * 4096)
             time.sleep(0.002)
     except (BrokenPipeError, ConnectionResetError):
         pass
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    except (socket.timeout, ConnectionResetError):
-        pass
+    answer = read_rest(sock)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     # many small trailer fields, all at once
@@ -576,13 +568,7 @@ w.on_message = lambda conn, request: conn.send("%d files" % len(request.files.it
 
 def _read_for(sock: socket.socket, seconds: float) -> bytes:
     sock.settimeout(seconds)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (socket.timeout, ConnectionResetError):
-        pass
-    return data
+    return read_rest(sock)
 
 
 def test_chunk_data_read_after_its_size_line_is_not_taken_for_trailers(app_factory):
